@@ -1,0 +1,281 @@
+"""``run(config, workdir)``: the experiment behind ``experiments.main`` (importable from notebooks).
+
+``mode=adapt`` (default): get the source model (``source_checkpoint``, else the
+cached model for the same data/model/training settings, else train one), then
+run every method in ``methods`` under ``protocol`` for ``seeds`` seeds on the
+target domains, and write ``results.json`` and ``results.md``.
+
+``mode=source``: only get the source model and report its Dice per domain.
+
+Resumability: each finished (method, seed) run is written atomically to
+``workdir/runs/<method>/seed_<s>.json`` with a fingerprint of the settings
+that determine it; a re-run with the same settings reuses it.
+
+Seeds: seed ``s`` drives the adaptation RNG (augmentations, dropout) of every
+stream; the source model and the stream order are fixed (``source.seed``,
+dataset order) so that methods are compared on the same model and images.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from absl import logging
+
+from tta_jax import checkpoints, report
+from tta_jax.data import DATASETS, get_dataset
+from tta_jax.methods import available_methods, make_method
+from tta_jax.metrics import domain_summary
+from tta_jax.models import ResUNet, init_variables
+from tta_jax.runner import LOOPS, PROTOCOLS, StreamRunner, run_protocol
+from tta_jax.training import evaluate_source_stats, train_source
+
+MODES = ("adapt", "source")
+SOURCE_CACHE_VERSION = 1  # bump when source training changes meaning
+
+
+def _split_list(value: str) -> list[str]:
+    return [v.strip() for v in str(value or "").split(",") if v.strip()]
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def validate_config(config) -> None:
+    """Check the names and ranges a run depends on before any work starts."""
+    if config.mode not in MODES:
+        raise ValueError(f"unknown mode {config.mode!r}; choose one of {list(MODES)}")
+    if config.dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {config.dataset!r}; choose one of {list(DATASETS)}")
+    if config.protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {config.protocol!r}; choose one of {list(PROTOCOLS)}")
+    if config.loop not in LOOPS:
+        raise ValueError(f"unknown loop {config.loop!r}; choose one of {list(LOOPS)}")
+    methods = _split_list(config.methods)
+    if config.mode == "adapt" and not methods:
+        raise ValueError("config.methods is empty")
+    for m in methods:
+        if m not in available_methods():
+            raise ValueError(f"unknown method {m!r}; available methods: {available_methods()}")
+    if config.image_size < 32 or config.image_size % 32:
+        raise ValueError(f"image_size must be a positive multiple of 32, got {config.image_size}")
+    if config.seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {config.seeds}")
+
+
+def setup_compilation_cache(config) -> None:
+    if config.compilation_cache:
+        path = os.path.join(os.path.expanduser(config.cache_dir), "xla_cache")
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def make_dataset(config):
+    kwargs = {}
+    if config.dataset == "synthetic_fundus":
+        kwargs = dict(config.synthetic)
+    return get_dataset(config.dataset, config.data_dir, **kwargs)
+
+
+def resolve_domains(config, dataset) -> tuple[str, list[str]]:
+    source = config.source_domain
+    if source not in dataset.domains:
+        raise ValueError(f"unknown source_domain {source!r}; domains of {config.dataset}: {list(dataset.domains)}")
+    targets = _split_list(config.target_domains) or [d for d in dataset.domains if d != source]
+    for t in targets:
+        if t not in dataset.domains:
+            raise ValueError(f"unknown target domain {t!r}; domains of {config.dataset}: {list(dataset.domains)}")
+    if not targets:
+        raise ValueError("no target domains")
+    return source, targets
+
+
+def build_model(config, num_classes: int) -> ResUNet:
+    return ResUNet(backbone=config.model.backbone, num_classes=num_classes, width=config.model.width)
+
+
+def source_settings(config) -> dict:
+    """Everything that determines the source model (the cache key)."""
+    data_dir = str(Path(config.data_dir).expanduser().resolve()) if config.data_dir else ""
+    settings = dict(version=SOURCE_CACHE_VERSION, dataset=config.dataset, data_dir=data_dir,
+                    source_domain=config.source_domain, image_size=config.image_size,
+                    model=config.model.to_dict(), source=config.source.to_dict())
+    if config.dataset == "synthetic_fundus":
+        settings["synthetic"] = config.synthetic.to_dict()
+    return settings
+
+
+def get_source_model(config, model, dataset, source: str):
+    """Restore ``source_checkpoint`` or the cached model, else train and cache one."""
+    template = init_variables(model, jax.random.PRNGKey(config.source.seed), config.image_size)
+    template = jax.device_get(template)
+    if config.source_checkpoint:
+        variables = checkpoints.restore_variables(config.source_checkpoint, template)
+        return variables, {"checkpoint": str(config.source_checkpoint), "trained_now": False}
+    settings = source_settings(config)
+    ckpt_dir = Path(os.path.expanduser(config.cache_dir)) / "source_models" / _hash(settings)
+    if (ckpt_dir / "meta.json").exists():
+        logging.info("reusing cached source model %s", ckpt_dir)
+        try:
+            variables = checkpoints.restore_variables(ckpt_dir, template)
+            return variables, {"checkpoint": str(ckpt_dir), "trained_now": False,
+                               **checkpoints.load_meta(ckpt_dir).get("training", {})}
+        except checkpoints.CheckpointError as e:
+            logging.warning("cached source model unusable (%s); training a new one", e)
+    train = dataset.load(source, "train", config.image_size)
+    logging.info("training the source model on %s (%d images, %d steps)", source, train.size, config.source.steps)
+    start = time.perf_counter()
+    variables, history = train_source(
+        model, template, train.images, train.masks, jax.random.PRNGKey(config.source.seed),
+        steps=config.source.steps, batch_size=config.source.batch_size, lr=config.source.lr,
+        optimizer=config.source.optimizer, photometric=config.source.photometric)
+    info = {"train_seconds": time.perf_counter() - start, "loss_history": history, "train_images": train.size}
+    checkpoints.save_variables(ckpt_dir, variables, {"settings": settings, "training": info})
+    logging.info("source model saved to %s", ckpt_dir)
+    return jax.device_get(variables), {"checkpoint": str(ckpt_dir), "trained_now": True, **info}
+
+
+def _seed_run_path(workdir: Path, method: str, seed: int) -> Path:
+    return workdir / "runs" / method / f"seed_{seed}.json"
+
+
+def run_method_seed(config, runner, variables, targets, seed, fingerprint, workdir):
+    """One (method, seed) run over all targets; reuses a finished identical run.
+
+    ``runner`` is shared by the seeds of a method, so its step compiles once.
+    """
+    method_name = runner.method.name
+    path = _seed_run_path(workdir, method_name, seed)
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text())
+            if saved.get("fingerprint") == fingerprint:
+                logging.info("%s seed %d: reusing finished run %s", method_name, seed, path)
+                return saved
+        except json.JSONDecodeError:
+            logging.warning("ignoring corrupt partial result %s", path)
+    hparams = config[method_name].to_dict() if method_name in config else {}
+    start = time.perf_counter()
+    results, runner = run_protocol(runner.method, variables, targets, config.protocol, jax.random.PRNGKey(seed),
+                                   label=f"{method_name} seed {seed}", runner=runner)
+    seconds = time.perf_counter() - start
+    channel_names = targets[0].channel_names if hasattr(targets[0], "channel_names") else None
+    out = {
+        "method": method_name, "seed": seed, "fingerprint": fingerprint, "hparams": hparams,
+        "seconds": seconds, "trace_count": runner.trace_count,
+        "domains": {r.domain: domain_summary(r.dice, channel_names) for r in results},
+        "per_image": {r.domain: {"ids": list(r.ids), "dice": r.dice.tolist(),
+                                 "info": {k: v.tolist() for k, v in r.info.items()},
+                                 "seconds": r.seconds} for r in results},
+    }
+    checkpoints.atomic_write_text(path, json.dumps(out))
+    return out
+
+
+class _Named:
+    """DomainData plus the dataset's channel names (for summaries)."""
+
+    def __init__(self, data, channel_names):
+        self._data, self.channel_names = data, channel_names
+
+    def __getattr__(self, name):
+        return getattr(self._data, name)
+
+
+
+def run(config, workdir: str) -> dict:
+    """Run the experiment described by ``config``; results go to ``workdir``."""
+    validate_config(config)
+    setup_compilation_cache(config)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    dataset = make_dataset(config)
+    source, targets = resolve_domains(config, dataset)
+    channel_names = dataset.channel_names
+    model = build_model(config, len(channel_names))
+    variables, source_info = get_source_model(config, model, dataset, source)
+
+    # The source model without adaptation on every domain (held-out split of its own domain).
+    own = dataset.load(source, "test", config.image_size)
+    source_info["own_domain_heldout"] = domain_summary(
+        evaluate_source_stats(model, variables, own.images, own.masks), channel_names)
+    logging.info("source model on %s (held-out): %s", source, source_info["own_domain_heldout"])
+
+    target_split = "all" if config.dataset != "synthetic_fundus" else "test"
+    target_data = [_Named(dataset.load(t, target_split, config.image_size), channel_names) for t in targets]
+    for t in target_data:
+        if t.size == 0:
+            raise ValueError(f"target domain {t.name!r} is empty")
+
+    results = {
+        "dataset": config.dataset, "data_dir": config.data_dir, "source_domain": source,
+        "target_domains": targets, "target_split": target_split, "protocol": config.protocol,
+        "channels": list(channel_names), "seeds": list(range(config.seed, config.seed + config.seeds)),
+        "source": source_info, "methods": {}, "config": config.to_dict(),
+        "stream_ids": {t.name: list(t.ids) for t in target_data}, "timings": {},
+    }
+    if config.mode == "source":
+        results["source"]["targets_no_adapt"] = {
+            t.name: domain_summary(evaluate_source_stats(model, variables, t.images, t.masks), channel_names)
+            for t in target_data}
+        _write_results(workdir, results, _source_table(results))
+        return results
+
+    base_fp = {"source": source_settings(config), "checkpoint": str(config.source_checkpoint),
+               "targets": targets, "protocol": config.protocol, "loop": config.loop,
+               "scan_chunk": config.scan_chunk, "target_split": target_split}
+    for method_name in _split_list(config.methods):
+        hparams = config[method_name].to_dict() if method_name in config else {}
+        runner = StreamRunner(make_method(method_name, model, hparams), config.loop, config.scan_chunk)
+        runs = []
+        m_start = time.perf_counter()
+        for seed in results["seeds"]:
+            fp = _hash({**base_fp, "method": method_name, "hparams": hparams, "seed": seed})
+            runs.append(run_method_seed(config, runner, variables, target_data, seed, fp, workdir))
+        agg = report.aggregate_method(runs, targets, channel_names)
+        agg["trace_count"] = [r["trace_count"] for r in runs]
+        agg["seconds_per_seed"] = [r["seconds"] for r in runs]
+        results["methods"][method_name] = agg
+        results["timings"][method_name] = time.perf_counter() - m_start
+    results["timings"]["total"] = time.perf_counter() - t0
+    table = _adapt_table(results)
+    _write_results(workdir, results, table)
+    return results
+
+
+def _adapt_table(results) -> str:
+    targets, methods = results["target_domains"], results["methods"]
+    own = results["source"]["own_domain_heldout"]
+    lines = [f"# {results['dataset']}: source {results['source_domain']} → {', '.join(targets)}",
+             f"protocol {results['protocol']}, seeds {results['seeds']}, Dice ×100 (mean ± std over seeds)", "",
+             report.markdown_table(methods, targets), ""]
+    if len(results["channels"]) > 1:
+        for ch in results["channels"]:
+            lines += [f"Dice of channel `{ch}`:", "", report.markdown_table(methods, targets, key=ch), ""]
+    lines.append(f"Source model on its own domain {results['source_domain']} (held-out, no adaptation): "
+                 f"{own['mean']:.2f}")
+    return "\n".join(lines)
+
+
+def _source_table(results) -> str:
+    rows = ["| domain | " + " | ".join(results["channels"]) + " | mean |",
+            "|" + "---|" * (len(results["channels"]) + 2)]
+    entries = {f"{results['source_domain']} (source, held-out)": results["source"]["own_domain_heldout"],
+               **results["source"]["targets_no_adapt"]}
+    for name, s in entries.items():
+        rows.append(f"| {name} | " + " | ".join(f"{s[c]:.2f}" for c in results["channels"]) + f" | {s['mean']:.2f} |")
+    return "\n".join(rows)
+
+
+def _write_results(workdir: Path, results: dict, table: str) -> None:
+    checkpoints.atomic_write_text(workdir / "results.json", json.dumps(results, indent=1, default=float))
+    checkpoints.atomic_write_text(workdir / "results.md", table + "\n")
+    print(table, flush=True)
+    logging.info("results written to %s", workdir)

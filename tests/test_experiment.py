@@ -1,0 +1,113 @@
+"""End-to-end checks of ``experiments.run`` on tiny settings, and the config errors."""
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, shared_data
+from experiments.run import run, validate_config
+
+
+def tiny_config(tmp_path, methods="no_adapt,bn,tent"):
+    from configs import tent
+    c = tent.get_config()
+    c.methods = methods
+    c.image_size = 64
+    c.model.width = 0.125
+    c.synthetic.num_train = 64
+    c.synthetic.num_test = 4
+    c.source.steps = 300
+    c.source.lr = 3e-3
+    c.source.batch_size = 8
+    c.seeds = 2
+    c.target_domains = "C,E"
+    c.cache_dir = str(tmp_path / "cache")
+    return c
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "experiments.main", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_config_errors(tmp_path):
+    out = _cli("--config=configs/tent.py", "--config.no_such_key=1", f"--workdir={tmp_path}")
+    assert out.returncode != 0 and "no_such_key" in out.stderr
+    # a known key is overridden (and then validated before any work starts)
+    out = _cli("--config=configs/tent.py", "--config.target_domains=C,E", "--config.seeds=0",
+               f"--workdir={tmp_path}")
+    assert out.returncode != 0 and "seeds must be >= 1, got 0" in out.stderr
+    out = _cli("--config=configs/tent.py", "--config.methods=tent,magic", f"--workdir={tmp_path}")
+    assert out.returncode != 0 and "unknown method 'magic'" in out.stderr
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("methods", "no_adapt,magic", "unknown method 'magic'"),
+    ("dataset", "imagenet", "unknown dataset"),
+    ("protocol", "weekly", "unknown protocol"),
+    ("loop", "while", "unknown loop"),
+    ("image_size", 50, "multiple of 32"),
+])
+def test_validate_config(tmp_path, key, value, match):
+    c = tiny_config(tmp_path)
+    c[key] = value
+    with pytest.raises(ValueError, match=match):
+        validate_config(c)
+
+
+def test_bad_domains_and_missing_folder(tmp_path):
+    c = tiny_config(tmp_path)
+    c.target_domains = "C,Q"
+    with pytest.raises(ValueError, match="unknown target domain 'Q'"):
+        run(c, str(tmp_path / "w"))
+    c = tiny_config(tmp_path)
+    c.dataset, c.data_dir = "folders", str(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="data folder not found"):
+        run(c, str(tmp_path / "w"))
+
+
+def test_end_to_end_adaptation_improves_and_resumes(tmp_path):
+    c = tiny_config(tmp_path)
+    work = tmp_path / "work"
+    res = run(c, str(work))
+    saved = json.loads((work / "results.json").read_text())
+    assert saved["seeds"] == [0, 1] and saved["target_domains"] == ["C", "E"]
+    assert "| tent |" in (work / "results.md").read_text()
+    methods = saved["methods"]
+    for name in ("no_adapt", "bn", "tent"):
+        assert methods[name]["trace_count"] == [1, 1]        # one compilation per method, all seeds
+        assert 0 <= methods[name]["average"]["mean"] <= 100
+    # the source model learned its domain, and test-time BN repairs the shifted domain C
+    assert saved["source"]["own_domain_heldout"]["mean"] > 80
+    assert methods["bn"]["per_domain"]["C"]["mean"]["mean"] > methods["no_adapt"]["per_domain"]["C"]["mean"]["mean"] + 5
+    # deterministic methods: identical seeds
+    assert methods["no_adapt"]["average"]["std"] == 0
+    # resume: a second run reuses the cached source model and every finished (method, seed)
+    res2 = run(c, str(work))
+    assert res2["source"]["trained_now"] is False
+    assert res2["methods"]["tent"]["average"] == res["methods"]["tent"]["average"]
+
+
+@pytest.mark.slow
+def test_default_tent_config_domain_gap(tmp_path):
+    """The acceptance run: default synthetic benchmark, source ≥ 85 Dice and a ≥ 10-point gap."""
+    from configs import tent
+    c = tent.get_config()
+    c.cache_dir = str(tmp_path / "cache")
+    res = run(c, str(tmp_path / "w"))
+    own = res["source"]["own_domain_heldout"]["mean"]
+    no_adapt = res["methods"]["no_adapt"]["average"]["mean"]
+    assert own >= 85 and own - no_adapt >= 10
+
+
+@pytest.mark.slow
+def test_polyp_real_data_pipeline(tmp_path):
+    root = shared_data("polyp")
+    from configs import tent
+    c = tent.get_config("polyp")
+    c.data_dir = str(root)
+    c.seeds = 1
+    c.source.steps = 300
+    c.cache_dir = str(tmp_path / "cache")
+    res = run(c, str(tmp_path / "w"))
+    assert res["target_domains"] == ["CVC-ClinicDB"] and len(res["stream_ids"]["CVC-ClinicDB"]) == 609

@@ -1,0 +1,3 @@
+"""tta-jax: test-time adaptation for medical image segmentation in JAX."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,53 @@
+"""Losses shared by source training and the test-time methods.
+
+All take logits of sigmoid channels (``[..., C]``); means are over every
+element unless stated otherwise.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+ENTROPY_EPS = 1e-6
+
+
+def sigmoid_entropy_plogp(logits: jax.Array) -> jax.Array:
+    """GraTa's L_ent (paper Eq. 1, official code): mean over pixels of Σ_c −p log(p + 1e-6).
+
+    ``p = sigmoid(logits)``; only the ``p log p`` term, as in the official
+    implementation (DESIGN.md §2), summed over channels, averaged over the
+    batch and pixels.
+    """
+    p = jax.nn.sigmoid(logits)
+    return jnp.mean(jnp.sum(-p * jnp.log(p + ENTROPY_EPS), axis=-1))
+
+
+def binary_entropy(logits: jax.Array) -> jax.Array:
+    """Full Bernoulli entropy per sigmoid channel, summed over channels, mean over pixels.
+
+    TENT's objective for multi-label sigmoid outputs: −p log p − (1−p) log(1−p),
+    computed stably from logits.
+    """
+    p = jax.nn.sigmoid(logits)
+    ent = -(p * jax.nn.log_sigmoid(logits) + (1 - p) * jax.nn.log_sigmoid(-logits))
+    return jnp.mean(jnp.sum(ent, axis=-1))
+
+
+def bce_with_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean binary cross-entropy with logits (PyTorch ``BCEWithLogitsLoss``)."""
+    return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, targets))
+
+
+def soft_dice_loss(logits: jax.Array, targets: jax.Array, smooth: float = 1.0) -> jax.Array:
+    """1 − soft Dice per sample and channel, averaged (source training)."""
+    p = jax.nn.sigmoid(logits)
+    axes = tuple(range(1, logits.ndim - 1))
+    inter = jnp.sum(p * targets, axes)
+    denom = jnp.sum(p, axes) + jnp.sum(targets, axes)
+    return jnp.mean(1 - (2 * inter + smooth) / (denom + smooth))
+
+
+def dice_bce_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Source-training objective of the official code: soft Dice + BCE."""
+    return soft_dice_loss(logits, targets) + bce_with_logits(logits, targets)

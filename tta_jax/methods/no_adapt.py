@@ -1,0 +1,28 @@
+"""``no_adapt``: the source model as trained, with its source BN running statistics."""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from tta_jax.bn import forward_source_stats
+from tta_jax.methods.base import Method, check_step_input, register
+
+
+class FrozenState(NamedTuple):
+    params: Any
+    batch_stats: Any
+
+
+@register("no_adapt")
+def make(model, hparams) -> Method:
+    del hparams
+
+    def init(variables, rng):
+        del rng
+        return FrozenState(variables["params"], variables["batch_stats"])
+
+    def step(state, images, rng):
+        del rng
+        check_step_input(images)
+        return state, forward_source_stats(model, state.params, state.batch_stats, images), {}
+
+    return Method("no_adapt", init, step)

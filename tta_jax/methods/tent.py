@@ -1,0 +1,71 @@
+"""``tent``: entropy minimisation of the BN affine parameters (Wang et al., ICLR 2021).
+
+Per test image: forward with the image's own BN statistics, minimise the
+prediction entropy w.r.t. the BN scale/bias with Adam for ``steps`` steps,
+then predict with the updated parameters (adapt-then-predict).  For sigmoid
+(multi-label) outputs the entropy is the Bernoulli entropy per channel
+(:func:`tta_jax.losses.binary_entropy`).
+
+Hyperparameters: ``lr`` (1e-3), ``b1`` (0.9), ``b2`` (0.999), ``steps`` (1).
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from tta_jax.bn import forward_test_stats, merge_params, split_bn_params
+from tta_jax.losses import binary_entropy
+from tta_jax.methods.base import Method, check_step_input, keep_if_finite, register
+
+
+class BNAdaptState(NamedTuple):
+    """State of methods that train the BN affine parameters only."""
+
+    bn_params: Any
+    frozen_params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+def init_bn_adapt_state(variables, optimizer) -> BNAdaptState:
+    bn_params, frozen = split_bn_params(variables["params"], variables["batch_stats"])
+    return BNAdaptState(bn_params, frozen, variables["batch_stats"], optimizer.init(bn_params))
+
+
+@register("tent")
+def make(model, hparams) -> Method:
+    lr = float(hparams.get("lr", 1e-3))
+    steps = int(hparams.get("steps", 1))
+    optimizer = optax.adam(lr, b1=float(hparams.get("b1", 0.9)), b2=float(hparams.get("b2", 0.999)))
+
+    def entropy_loss(bn_params, state, images):
+        logits = forward_test_stats(model, merge_params(bn_params, state.frozen_params),
+                                    state.batch_stats, images)
+        return binary_entropy(logits)
+
+    def init(variables, rng):
+        del rng
+        return init_bn_adapt_state(variables, optimizer)
+
+    def step(state, images, rng):
+        del rng
+        check_step_input(images)
+
+        def one_update(_, carry):
+            st, _, n_skipped = carry
+            loss, grads = jax.value_and_grad(entropy_loss)(st.bn_params, st, images)
+            updates, opt_state = optimizer.update(grads, st.opt_state, st.bn_params)
+            new = st._replace(bn_params=optax.apply_updates(st.bn_params, updates), opt_state=opt_state)
+            new, ok = keep_if_finite(new, st, loss)
+            return new, loss, n_skipped + (1 - ok.astype(jnp.float32))
+
+        new_state, loss, skipped = jax.lax.fori_loop(
+            0, steps, one_update, (state, jnp.zeros(()), jnp.zeros(())))
+        logits = forward_test_stats(model, merge_params(new_state.bn_params, new_state.frozen_params),
+                                    new_state.batch_stats, images)
+        return new_state, logits, {"loss": loss, "skipped": skipped}
+
+    return Method("tent", init, step)

@@ -1,0 +1,186 @@
+"""ResUNet: a ResNet encoder with the U-Net decoder of the official GraTa/VPTTA code.
+
+Layout (DESIGN.md §2 "Backbone"):
+
+* encoder: ResNet stem (7×7/2 conv, BN, ReLU → skip 0), 3×3/2 max-pool,
+  ``layer1``..``layer4`` (skips 1..3; ``layer4`` is the bottleneck);
+* decoder: four :class:`UnetBlock` (layer3, layer2, layer1, stem skips), each
+  ``ConvTranspose 2×2/2 → n_out/2`` on the upsampled path and ``1×1 conv →
+  n_out/2`` on the skip, concatenated, ReLU, then ``BN(n_out)``;
+* head: ``ConvTranspose 2×2/2 → 32``, BN, ReLU, ``1×1 conv → num_classes``.
+
+Module names mirror the PyTorch ``state_dict`` of the official network so that a
+converter can map ``rn.4.0.conv1.weight`` → ``layer1_0/conv1/kernel`` and so
+on: the stem is ``conv1``/``bn1``, residual blocks are ``layer{i}_{j}`` with
+``conv{k}``/``bn{k}``/``downsample_conv``/``downsample_bn``, decoder blocks are
+``up1``..``up4`` with ``tr_conv``/``x_conv``/``bn``, then ``up5``, ``bnout``,
+``seg_head``.
+
+``width`` multiplies every channel count (1.0 = the paper's network); CPU
+configs use 0.25.
+
+BatchNorm statistics: ``train=False`` uses the stored running statistics
+(source statistics); ``train=True`` normalises with the statistics of the batch
+being forwarded.  Test-time methods that want per-image statistics call
+``apply(..., train=True, mutable=["batch_stats"])`` and drop the returned
+statistics (see :mod:`tta_jax.bn`).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# PyTorch BatchNorm2d defaults: eps 1e-5, momentum 0.1 (= flax momentum 0.9).
+BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
+
+RESNET_STAGES = {
+    "resnet18": ("basic", (2, 2, 2, 2)),
+    "resnet34": ("basic", (3, 4, 6, 3)),
+    "resnet50": ("bottleneck", (3, 4, 6, 3)),
+}
+
+
+def _channels(base: int, width: float) -> int:
+    return max(1, int(round(base * width)))
+
+
+def _pad(k: int) -> Sequence[tuple[int, int]]:
+    return [(k // 2, k // 2)] * 2
+
+
+class BasicBlock(nn.Module):
+    features: int
+    strides: int = 1
+    expansion = 1
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        residual = x
+        y = nn.Conv(self.features, (3, 3), self.strides, padding=_pad(3), use_bias=False, name="conv1")(x)
+        y = nn.relu(BatchNorm(use_running_average=not train, name="bn1")(y))
+        y = nn.Conv(self.features, (3, 3), padding=_pad(3), use_bias=False, name="conv2")(y)
+        y = BatchNorm(use_running_average=not train, name="bn2")(y)
+        if residual.shape != y.shape:
+            residual = nn.Conv(self.features, (1, 1), self.strides, use_bias=False, name="downsample_conv")(residual)
+            residual = BatchNorm(use_running_average=not train, name="downsample_bn")(residual)
+        return nn.relu(y + residual)
+
+
+class BottleneckBlock(nn.Module):
+    features: int
+    strides: int = 1
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        residual = x
+        y = nn.Conv(self.features, (1, 1), use_bias=False, name="conv1")(x)
+        y = nn.relu(BatchNorm(use_running_average=not train, name="bn1")(y))
+        # torchvision's ResNet-50 (v1.5) strides in the 3×3 conv.
+        y = nn.Conv(self.features, (3, 3), self.strides, padding=_pad(3), use_bias=False, name="conv2")(y)
+        y = nn.relu(BatchNorm(use_running_average=not train, name="bn2")(y))
+        y = nn.Conv(self.features * 4, (1, 1), use_bias=False, name="conv3")(y)
+        y = BatchNorm(use_running_average=not train, name="bn3")(y)
+        if residual.shape != y.shape:
+            residual = nn.Conv(self.features * 4, (1, 1), self.strides, use_bias=False, name="downsample_conv")(residual)
+            residual = BatchNorm(use_running_average=not train, name="downsample_bn")(residual)
+        return nn.relu(y + residual)
+
+
+class UnetBlock(nn.Module):
+    """Decoder block of the official ResUNet: cat(tr_conv(up), x_conv(skip)) → ReLU → BN."""
+
+    n_out: int
+
+    @nn.compact
+    def __call__(self, up, skip, train: bool):
+        half = self.n_out // 2
+        up = nn.ConvTranspose(half, (2, 2), strides=(2, 2), padding="VALID", name="tr_conv")(up)
+        skip = nn.Conv(half, (1, 1), name="x_conv")(skip)
+        x = nn.relu(jnp.concatenate([up, skip], axis=-1))
+        return BatchNorm(use_running_average=not train, name="bn")(x)
+
+
+class ResUNet(nn.Module):
+    """ResUNet segmentation network (NHWC input in [0, 1] or normalised; logits out).
+
+    Attributes:
+      backbone: ``resnet18`` | ``resnet34`` | ``resnet50``.
+      num_classes: output logits (sigmoid channels; 2 for optic disc and cup).
+      width: channel multiplier (1.0 = official network).
+      aux_heads: names of auxiliary self-supervised heads to build (GraTa
+        Table 5); each is a 1×1 conv or pooled linear layer on the decoder
+        features and is returned in a dict when ``return_aux=True``.
+    """
+
+    backbone: str = "resnet34"
+    num_classes: int = 2
+    width: float = 1.0
+    aux_heads: tuple[str, ...] = ()
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, return_aux: bool = False):
+        if self.backbone not in RESNET_STAGES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {sorted(RESNET_STAGES)}")
+        if x.ndim != 4:
+            raise ValueError(f"ResUNet expects NHWC images of rank 4, got shape {x.shape}")
+        if x.shape[1] % 32 or x.shape[2] % 32:
+            raise ValueError(f"ResUNet needs image sides divisible by 32, got {x.shape[1:3]}")
+        kind, stages = RESNET_STAGES[self.backbone]
+        block = BasicBlock if kind == "basic" else BottleneckBlock
+        c = functools.partial(_channels, width=self.width)
+
+        x = nn.Conv(c(64), (7, 7), (2, 2), padding=_pad(7), use_bias=False, name="conv1")(x)
+        x = nn.relu(BatchNorm(use_running_average=not train, name="bn1")(x))
+        skips = [x]
+        x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+        for i, n_blocks in enumerate(stages):
+            for j in range(n_blocks):
+                strides = 2 if (i > 0 and j == 0) else 1
+                x = block(c(64 * 2**i), strides, name=f"layer{i + 1}_{j}")(x, train)
+            skips.append(x)
+        # skips: stem, layer1, layer2, layer3, (layer4 = bottleneck)
+        x = nn.relu(skips.pop())
+        for k, skip in enumerate(reversed(skips)):
+            x = UnetBlock(c(256), name=f"up{k + 1}")(x, skip, train)
+        features = nn.ConvTranspose(c(32), (2, 2), strides=(2, 2), padding="VALID", name="up5")(x)
+        head_in = nn.relu(BatchNorm(use_running_average=not train, name="bnout")(features))
+        logits = nn.Conv(self.num_classes, (1, 1), name="seg_head")(head_in)
+        if not return_aux:
+            return logits
+        return logits, self._aux_outputs(head_in, x)
+
+    def _aux_outputs(self, head_in, bottleneck_up) -> dict[str, Any]:
+        out = {}
+        for name in self.aux_heads:
+            if name in ("reconstruction", "denoising", "super_resolution"):
+                out[name] = nn.Conv(3, (1, 1), name=f"{name}_head")(head_in)
+            elif name == "rotation":
+                pooled = jnp.mean(bottleneck_up, axis=(1, 2))
+                out[name] = nn.Dense(6, name="rotation_head")(pooled)
+            else:
+                raise ValueError(f"unknown auxiliary head {name!r}")
+        return out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _jit_init(model, rbg_key, image_size, channels):
+    dummy = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
+    return model.init(rbg_key, dummy, train=False, return_aux=bool(model.aux_heads))
+
+
+def init_variables(model: nn.Module, rng: jax.Array, image_size: int, channels: int = 3):
+    """Initialise ``model`` variables with a jitted init (eager init takes 20 s+ on CPU).
+
+    The parameters are drawn from an RBG key derived deterministically from
+    ``rng``: XLA:CPU compiles RBG sampling about 3× faster than threefry, and
+    an init is compiled once per (model, image size) in a process.
+    """
+    data = jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
+    data = jnp.asarray(data, jnp.uint32).reshape(-1)
+    rbg_key = jax.random.wrap_key_data(jnp.concatenate([data, data])[:4], impl="rbg")
+    return _jit_init(model, rbg_key, image_size, channels)

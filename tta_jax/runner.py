@@ -1,0 +1,178 @@
+"""Stream loops: drive a method's jitted step over test streams.
+
+The runner owns everything about *how* a stream is consumed — jitting, the
+loop form, reset policies, per-image RNG keys, scoring — so methods stay pure
+``init``/``step`` pairs.
+
+Loop forms (``loop``):
+
+* ``python`` — a Python loop over one jitted step (fastest on XLA:CPU);
+* ``scan`` — ``lax.scan`` over fixed-size chunks of ``scan_chunk`` images
+  (one dispatch per chunk; try it on GPU/TPU).  The last chunk is padded and
+  a validity mask keeps padded steps from touching the state, so every chunk
+  has one shape and the stream compiles once whatever its length.
+
+Protocols (reset policies; always adapt-then-predict):
+
+* ``per_target`` — reset model and optimiser at the start of each target domain;
+* ``continual`` — one state carried through all targets in order, never reset;
+* ``episodic`` — reset before every image.
+
+The mask of an image is used only to score the prediction the step returned,
+after the step; it never reaches the method.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from tta_jax.metrics import dice_per_channel
+from tta_jax.methods.base import Method
+
+PROTOCOLS = ("per_target", "continual", "episodic")
+LOOPS = ("python", "scan")
+
+
+class StreamResult(NamedTuple):
+    """Per-image outputs of one target stream."""
+
+    domain: str
+    ids: tuple[str, ...]
+    dice: np.ndarray             # [N, C]
+    info: dict[str, np.ndarray]  # each [N]
+    seconds: float
+
+
+class Progress:
+    """Logs images/s and ETA at most every ``every_s`` seconds."""
+
+    def __init__(self, total: int, label: str, every_s: float = 10.0):
+        self.total, self.label, self.every_s = total, label, every_s
+        self.done, self.start, self.last = 0, time.perf_counter(), time.perf_counter()
+
+    def update(self, n: int = 1, sync=None):
+        self.done += n
+        now = time.perf_counter()
+        if now - self.last >= self.every_s or self.done == self.total:
+            if sync is not None:
+                jax.block_until_ready(sync)
+                now = time.perf_counter()
+            rate = self.done / max(now - self.start, 1e-9)
+            eta = (self.total - self.done) / max(rate, 1e-9)
+            # The first image includes compilation: its rate says nothing about the ETA.
+            eta_text = f"ETA {eta:.0f} s" if self.done > 1 else "compiling"
+            logging.info("%s: %d/%d images, %.2f img/s, %s", self.label, self.done, self.total, rate, eta_text)
+            self.last = now
+
+
+class StreamRunner:
+    """Jits ``method.step`` (with scoring) once and runs it over streams.
+
+    ``trace_count`` counts how often the step was traced (= compiled); it
+    stays 1 across streams and targets of one shape.
+    """
+
+    def __init__(self, method: Method, loop: str = "python", scan_chunk: int = 16):
+        if loop not in LOOPS:
+            raise ValueError(f"unknown loop {loop!r}; choose one of {list(LOOPS)}")
+        self.method, self.loop, self.scan_chunk = method, loop, int(scan_chunk)
+        self.trace_count = 0
+
+        def scored_step(state, image, mask, key):
+            self.trace_count += 1
+            state, logits, info = method.step(state, image[None], key)
+            return state, dice_per_channel(logits, mask[None])[0], info
+
+        self._scored_step = scored_step
+        self._jit_step = jax.jit(scored_step)
+        self._jit_chunk = jax.jit(self._chunk, static_argnames=("episodic",))
+
+    def _chunk(self, state, init_state, images, masks, keys, valid, episodic: bool):
+        def body(st, xs):
+            image, mask, key, ok = xs
+            start = init_state if episodic else st
+            new, dice, info = self._scored_step(start, image, mask, key)
+            new = jax.lax.cond(ok, lambda: new, lambda: st)  # padded steps keep the state
+            return new, (dice, info)
+
+        return jax.lax.scan(body, state, (images, masks, keys, valid))
+
+    def run_stream(self, state, images: np.ndarray, masks: np.ndarray, rng: jax.Array,
+                   episodic: bool = False, first_index: int = 0, progress: Progress | None = None):
+        """Adapt-then-predict over one stream; returns ``(final_state, dice [N, C], info)``.
+
+        The key of image ``i`` is ``fold_in(rng, first_index + i)``, the same
+        in both loop forms.
+        """
+        n = len(images)
+        keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(first_index, first_index + n))
+        init_state = state
+        if self.loop == "python":
+            dices, infos = [], []
+            for i in range(n):
+                start = init_state if episodic else state
+                state, dice, info = self._jit_step(start, images[i], masks[i], keys[i])
+                dices.append(dice)
+                infos.append(info)
+                if progress:
+                    progress.update(1, sync=dice)
+            dice = np.asarray(jnp.stack(dices)) if n else np.zeros((0, masks.shape[-1]))
+            info = {k: np.asarray(jnp.stack([d[k] for d in infos])) for k in (infos[0] if infos else {})}
+            return state, dice, info
+
+        c = self.scan_chunk
+        dices, infos = [], []
+        for lo in range(0, n, c):
+            hi = min(lo + c, n)
+            pad = c - (hi - lo)
+            sl = lambda a: np.concatenate([a[lo:hi], np.repeat(a[hi - 1:hi], pad, 0)]) if pad else a[lo:hi]
+            valid = np.arange(c) < (hi - lo)
+            state, (dice, info) = self._jit_chunk(state, init_state, sl(images), sl(masks),
+                                                  sl(np.asarray(keys)), valid, episodic=episodic)
+            dices.append(np.asarray(dice)[: hi - lo])
+            infos.append({k: np.asarray(v)[: hi - lo] for k, v in info.items()})
+            if progress:
+                progress.update(hi - lo)
+        dice = np.concatenate(dices) if dices else np.zeros((0, masks.shape[-1]))
+        info = {k: np.concatenate([d[k] for d in infos]) for k in (infos[0] if infos else {})}
+        return state, dice, info
+
+
+def run_protocol(method: Method, variables, targets: Sequence, protocol: str, rng: jax.Array,
+                 loop: str = "python", scan_chunk: int = 16, label: str = "",
+                 runner: StreamRunner | None = None) -> tuple[list[StreamResult], StreamRunner]:
+    """Run ``method`` over the target domains under ``protocol``.
+
+    Args:
+      targets: :class:`tta_jax.data.DomainData` per target domain, in order.
+      rng: the seed's key; stream ``t`` uses ``fold_in(rng, t)`` for
+        ``per_target``/``episodic`` and one key for ``continual``.
+    Returns:
+      one :class:`StreamResult` per target, and the runner (for its trace count).
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {list(PROTOCOLS)}")
+    runner = runner or StreamRunner(method, loop, scan_chunk)
+    init_key, stream_key = jax.random.split(rng)
+    progress = Progress(sum(t.size for t in targets), label or method.name)
+    results = []
+    state = method.init(variables, init_key) if protocol == "continual" else None
+    offset = 0
+    for t, target in enumerate(targets):
+        start = time.perf_counter()
+        if protocol == "continual":
+            key, first = stream_key, offset
+        else:
+            state = method.init(variables, init_key)
+            key, first = jax.random.fold_in(stream_key, t), 0
+        state, dice, info = runner.run_stream(state, target.images, target.masks, key,
+                                              episodic=protocol == "episodic", first_index=first,
+                                              progress=progress)
+        offset += target.size
+        results.append(StreamResult(target.name, tuple(target.ids), dice, info, time.perf_counter() - start))
+    return results, runner
