@@ -6,6 +6,10 @@ unknown key is an error.
 """
 import ml_collections
 
+# GraTa's strong view (batchgenerators semantics); any p_* = 0 switches an op off.
+STRONG_AUGMENT = dict(p_brightness=0.75, p_contrast=0.75, p_gamma=0.75, p_noise=0.5, p_blur=0.5,
+                      p_blur_channel=0.5)
+
 POLYP_DATA_DIR = "../shared/data/polyp"
 
 
@@ -35,6 +39,11 @@ def get_base_config() -> ml_collections.ConfigDict:
 
     # Per-method hyperparameters (the sub-dict named like the method).
     c.tent = ml_collections.ConfigDict(dict(lr=1e-3, b1=0.9, b2=0.999, steps=1))
+    c.grata = ml_collections.ConfigDict(dict(
+        lr=1e-4, b1=0.9, b2=0.999, lr_schedule="dynamic", lr_map="quadratic", lookahead=True,
+        pseudo="consistency", auxiliary="entropy", strong=ml_collections.ConfigDict(STRONG_AUGMENT)))
+    # Named rows of ablation tables: {row name: {"method": registered name, **overrides}}.
+    c.variants = ml_collections.ConfigDict()
     return c
 
 

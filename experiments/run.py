@@ -47,6 +47,34 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def resolve_method(config, name: str) -> tuple[str, dict]:
+    """Map a ``methods`` entry to (registered method, hyperparameters).
+
+    An entry is either a registered method (hyperparameters from the config
+    sub-dict of the same name) or a key of ``config.variants``: a dict with
+    ``method`` plus the hyperparameters it overrides, e.g. the rows of the
+    GraTa ablation tables.
+    """
+    variants = config.get("variants", None) or {}
+    if name in variants:
+        spec = dict(variants[name])
+        if "method" not in spec:
+            raise ValueError(f"config.variants.{name} needs a 'method' key")
+        base = spec.pop("method")
+    else:
+        base, spec = name, {}
+    if base not in available_methods():
+        raise ValueError(f"unknown method {name!r}; available methods: {available_methods()}"
+                         + (f"; variants: {sorted(variants)}" if variants else ""))
+    hparams = config[base].to_dict() if base in config else {}
+    for key, value in spec.items():
+        if isinstance(value, dict) and isinstance(hparams.get(key), dict):
+            hparams[key] = {**hparams[key], **value}
+        else:
+            hparams[key] = value
+    return base, hparams
+
+
 def validate_config(config) -> None:
     """Check the names and ranges a run depends on before any work starts."""
     if config.mode not in MODES:
@@ -61,8 +89,7 @@ def validate_config(config) -> None:
     if config.mode == "adapt" and not methods:
         raise ValueError("config.methods is empty")
     for m in methods:
-        if m not in available_methods():
-            raise ValueError(f"unknown method {m!r}; available methods: {available_methods()}")
+        resolve_method(config, m)
     if config.image_size < 32 or config.image_size % 32:
         raise ValueError(f"image_size must be a positive multiple of 32, got {config.image_size}")
     if config.seeds < 1:
@@ -145,12 +172,12 @@ def _seed_run_path(workdir: Path, method: str, seed: int) -> Path:
     return workdir / "runs" / method / f"seed_{seed}.json"
 
 
-def run_method_seed(config, runner, variables, targets, seed, fingerprint, workdir):
+def run_method_seed(config, row_name, hparams, runner, variables, targets, seed, fingerprint, workdir):
     """One (method, seed) run over all targets; reuses a finished identical run.
 
     ``runner`` is shared by the seeds of a method, so its step compiles once.
     """
-    method_name = runner.method.name
+    method_name = row_name
     path = _seed_run_path(workdir, method_name, seed)
     if path.exists():
         try:
@@ -160,14 +187,14 @@ def run_method_seed(config, runner, variables, targets, seed, fingerprint, workd
                 return saved
         except json.JSONDecodeError:
             logging.warning("ignoring corrupt partial result %s", path)
-    hparams = config[method_name].to_dict() if method_name in config else {}
     start = time.perf_counter()
     results, runner = run_protocol(runner.method, variables, targets, config.protocol, jax.random.PRNGKey(seed),
                                    label=f"{method_name} seed {seed}", runner=runner)
     seconds = time.perf_counter() - start
     channel_names = targets[0].channel_names if hasattr(targets[0], "channel_names") else None
     out = {
-        "method": method_name, "seed": seed, "fingerprint": fingerprint, "hparams": hparams,
+        "method": method_name, "registered_method": runner.method.name, "seed": seed,
+        "fingerprint": fingerprint, "hparams": hparams,
         "seconds": seconds, "trace_count": runner.trace_count,
         "domains": {r.domain: domain_summary(r.dice, channel_names) for r in results},
         "per_image": {r.domain: {"ids": list(r.ids), "dice": r.dice.tolist(),
@@ -232,13 +259,14 @@ def run(config, workdir: str) -> dict:
                "targets": targets, "protocol": config.protocol, "loop": config.loop,
                "scan_chunk": config.scan_chunk, "target_split": target_split}
     for method_name in _split_list(config.methods):
-        hparams = config[method_name].to_dict() if method_name in config else {}
-        runner = StreamRunner(make_method(method_name, model, hparams), config.loop, config.scan_chunk)
+        base, hparams = resolve_method(config, method_name)
+        runner = StreamRunner(make_method(base, model, hparams), config.loop, config.scan_chunk)
         runs = []
         m_start = time.perf_counter()
         for seed in results["seeds"]:
-            fp = _hash({**base_fp, "method": method_name, "hparams": hparams, "seed": seed})
-            runs.append(run_method_seed(config, runner, variables, target_data, seed, fp, workdir))
+            fp = _hash({**base_fp, "method": base, "hparams": hparams, "seed": seed})
+            runs.append(run_method_seed(config, method_name, hparams, runner, variables, target_data, seed, fp,
+                                        workdir))
         agg = report.aggregate_method(runs, targets, channel_names)
         agg["trace_count"] = [r["trace_count"] for r in runs]
         agg["seconds_per_seed"] = [r["seconds"] for r in runs]

@@ -1,0 +1,139 @@
+"""PyTorch ↔ JAX: weight conversion and step equivalence (skipped without torch)."""
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="PyTorch is optional: pip install -r requirements-torch.txt")
+
+from experiments import torch_reference as ref  # noqa: E402
+from tta_jax.augment import STRONG_OFF  # noqa: E402
+from tta_jax.checkpoints import CheckpointError  # noqa: E402
+from tta_jax.data import SyntheticFundus  # noqa: E402
+from tta_jax.methods import make_method  # noqa: E402
+from tta_jax.models import ResUNet, init_variables  # noqa: E402
+from tta_jax.models.convert import load_torch_state_dict, torch_state_dict_to_flax  # noqa: E402
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def pair():
+    torch.manual_seed(0)
+    tm = ref.TorchResUNet("resnet18", 2, 0.125)
+    g = torch.Generator().manual_seed(1)
+    for mod in tm.modules():   # non-trivial BN statistics and affine parameters
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.copy_(torch.rand(mod.running_mean.shape, generator=g) - 0.5)
+            mod.running_var.copy_(torch.rand(mod.running_var.shape, generator=g) + 0.5)
+            mod.weight.data.copy_(torch.rand(mod.weight.shape, generator=g) + 0.5)
+            mod.bias.data.copy_(torch.rand(mod.bias.shape, generator=g) * 0.4 - 0.2)
+    fm = ResUNet(backbone="resnet18", num_classes=2, width=0.125)
+    template = jax.device_get(init_variables(fm, jax.random.PRNGKey(0), SIZE))
+    state_dict = {k: v.numpy() for k, v in tm.state_dict().items()}
+    variables, ignored = torch_state_dict_to_flax(state_dict, template)
+    assert ignored == []
+    return tm, fm, variables, template
+
+
+def rel_err(a, b):
+    """max |a − b| / max |b|: the relative difference of two arrays."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+def _nchw(x):
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
+
+
+def _nhwc(t):
+    return t.detach().numpy().transpose(0, 2, 3, 1)
+
+
+@pytest.fixture(scope="module")
+def stream():
+    return SyntheticFundus(num_train=0, num_test=3).load("C", "test", SIZE).images
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_converted_weights_give_same_logits(pair, stream, train):
+    tm, fm, variables, _ = pair
+    x = stream[:2]
+    tm.train(train)
+    with torch.no_grad():
+        yt = _nhwc(tm(_nchw(x)))
+    if train:
+        yf, _ = fm.apply(variables, x, train=True, mutable=["batch_stats"])
+    else:
+        yf = fm.apply(variables, x, train=False)
+    assert rel_err(yf, yt) < 1e-4
+
+
+def test_converter_errors_and_pth_loading(pair, tmp_path):
+    tm, fm, _, template = pair
+    sd = {k: v.numpy() for k, v in tm.state_dict().items()}
+    wrapped = {"module." + k: v for k, v in sd.items()}
+    wrapped["recon1.conv.weight"] = np.zeros((1, 1, 1, 1), np.float32)
+    _, ignored = torch_state_dict_to_flax(wrapped, template)
+    assert ignored == ["recon1.conv.weight"]
+    with pytest.raises(CheckpointError, match="no counterpart"):
+        torch_state_dict_to_flax({**sd, "res.fc.weight2": np.zeros(1)}, template)
+    with pytest.raises(CheckpointError, match="lacks .* model parameters"):
+        torch_state_dict_to_flax({k: v for k, v in sd.items() if not k.startswith("seg_head")}, template)
+    wide = {k: v.numpy() for k, v in ref.TorchResUNet("resnet18", 2, 0.25).state_dict().items()}
+    with pytest.raises(CheckpointError, match="shape"):
+        torch_state_dict_to_flax(wide, template)
+    torch.save({"model": tm.state_dict()}, tmp_path / "w.pth")
+    loaded = load_torch_state_dict(tmp_path / "w.pth")
+    np.testing.assert_array_equal(loaded["seg_head.weight"], sd["seg_head.weight"])
+    (tmp_path / "bad.pth").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupt or unreadable"):
+        load_torch_state_dict(tmp_path / "bad.pth")
+
+
+def test_grata_step_equivalence(pair, stream):
+    """First 3 images of a stream, strong view off: same cos/η, BN parameters and logits."""
+    tm0, fm, variables, _ = pair
+    tm = ref.TorchResUNet("resnet18", 2, 0.125)
+    tm.load_state_dict(tm0.state_dict())
+    opt = ref.make_adam(tm, 1e-4)
+    method = make_method("grata", fm, {"strong": STRONG_OFF})
+    state = method.init(variables, None)
+    step = jax.jit(method.step)
+    for i in range(3):
+        x = stream[i:i + 1]
+        logits_t, info_t = ref.grata_step(tm, opt, _nchw(x), beta=1e-4, strong_off=True)
+        state, logits_j, info_j = step(state, x, jax.random.PRNGKey(i))
+        assert abs(float(info_j["cos"]) - info_t["cos"]) < 1e-5, i
+        assert abs(float(info_j["eta"]) - info_t["eta"]) < 1e-5 * 1e-4, i
+        assert rel_err(logits_j, _nhwc(logits_t)) < 1e-4, i
+        # BN affine parameters, compared through the module names
+        for name, module in tm.named_modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                path = _flax_module_path(name)
+                node = state.bn_params
+                for p in path:
+                    node = node[p]
+                assert rel_err(node["scale"], module.weight.detach().numpy()) < 1e-4, name
+                assert rel_err(node["bias"], module.bias.detach().numpy()) < 1e-4, name
+
+
+def _flax_module_path(torch_name):
+    from tta_jax.models.convert import _flax_path
+    _, module, _ = _flax_path(torch_name + ".weight")
+    return module
+
+
+def test_tent_step_equivalence(pair, stream):
+    tm0, fm, variables, _ = pair
+    tm = ref.TorchResUNet("resnet18", 2, 0.125)
+    tm.load_state_dict(tm0.state_dict())
+    opt = ref.make_adam(tm, 1e-3)
+    method = make_method("tent", fm, {"lr": 1e-3})
+    state = method.init(variables, None)
+    step = jax.jit(method.step)
+    for i in range(3):
+        x = stream[i:i + 1]
+        logits_t, loss_t = ref.tent_step(tm, opt, _nchw(x))
+        state, logits_j, info = step(state, x, None)
+        assert float(info["loss"]) == pytest.approx(loss_t, rel=1e-5)
+        assert rel_err(logits_j, _nhwc(logits_t)) < 1e-4, i

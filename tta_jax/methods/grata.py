@@ -1,0 +1,151 @@
+"""GraTa: gradient alignment for test-time adaptation (Chen et al., AAAI 2025).
+
+One step on a test image ``x`` with BN affine parameters θ (DESIGN.md §2,
+paper Algorithm 1):
+
+1. auxiliary gradient ``g_aux = ∇L_aux(θ)`` (default L_ent, Eq. 1);
+2. look-ahead ``θ' = θ − g_aux`` (step size exactly 1, raw gradient; Eq. 4);
+3. pseudo gradient ``g_pse = ∇L_pse(θ')`` (default L_con, Eq. 2);
+4. ``cos = ⟨g_pse, g_aux⟩ / (‖g_pse‖‖g_aux‖ + 1e-12)`` over all BN parameters;
+5. ``η = β · Cus(cos)``, ``Cus(x) = ¼(x + 1)²`` (Eq. 7);
+6. ``θ ← Adam(θ, g_pse, lr = η)``; then predict ``x`` with the new θ.
+
+Every forward normalises with the forwarded image's own BN statistics.  By
+Eq. 5–6, minimising L_con(θ − ∇L_ent) is, to first order, minimising
+L_con(θ) − ⟨∇L_con, ∇L_ent⟩: the update favours directions where the two
+objectives agree (tested in ``tests/test_grata.py``).
+
+Hyperparameters (config ``grata.*``):
+
+* ``lr`` (β, 1e-4), ``b1``, ``b2`` (Adam, 0.9/0.999);
+* ``lr_schedule``: ``dynamic`` (η, default) or ``fixed`` (β; Table 2);
+* ``lr_map``: ``quadratic`` ¼(x+1)² (default), ``linear`` ½(x+1),
+  ``sigmoid``, ``relu``, ``softplus`` (Table 4);
+* ``lookahead``: True (L_pse(θ − ∇L_aux)) or False (L_pse(θ); Table 2);
+* ``pseudo`` / ``auxiliary``: ``consistency`` / ``entropy`` (default) or
+  swapped (Table 3);
+* ``strong``: overrides of the strong augmentation (e.g. all ``p_*`` = 0
+  for a deterministic step; see :func:`tta_jax.augment.strong_augment`).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from tta_jax.augment import invert_weak_views, strong_augment, weak_views
+from tta_jax.bn import forward_test_stats, merge_params
+from tta_jax.losses import bce_with_logits, sigmoid_entropy_plogp
+from tta_jax.methods.base import Method, check_step_input, keep_if_finite, register
+from tta_jax.methods.tent import init_bn_adapt_state
+
+COSINE_EPS = 1e-12
+
+LR_MAPS = {
+    "quadratic": lambda c: 0.25 * (c + 1.0) ** 2,   # the paper's Cus (Eq. 7)
+    "linear": lambda c: 0.5 * (c + 1.0),
+    "sigmoid": jax.nn.sigmoid,
+    "relu": jax.nn.relu,
+    "softplus": jax.nn.softplus,
+}
+OBJECTIVES = ("entropy", "consistency")
+
+
+def lookahead_params(params, aux_grads):
+    """θ' = θ − ∇L_aux(θ): the look-ahead point of Eq. 4 (unit step, raw gradient)."""
+    return jax.tree.map(lambda p, g: p - g, params, aux_grads)
+
+
+def gradient_cosine(g_pse, g_aux):
+    """Cosine between two gradient pytrees, all leaves flattened together (Eq. 7's argument)."""
+    dot = sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(g_pse), jax.tree.leaves(g_aux)))
+    return dot / (optax.global_norm(g_pse) * optax.global_norm(g_aux) + COSINE_EPS)
+
+
+def dynamic_learning_rate(cos, base_lr: float, lr_map: str = "quadratic"):
+    """η = β · map(cos) (Eq. 7); ``quadratic`` keeps η in [0, β]."""
+    if lr_map not in LR_MAPS:
+        raise ValueError(f"unknown lr_map {lr_map!r}; choose one of {sorted(LR_MAPS)}")
+    return base_lr * LR_MAPS[lr_map](cos)
+
+
+def entropy_loss(model, bn_params, frozen, batch_stats, images, key):
+    """L_ent (Eq. 1): mean over pixels of Σ_c −p log(p + 1e-6), test-image BN statistics."""
+    del key
+    return sigmoid_entropy_plogp(forward_test_stats(model, merge_params(bn_params, frozen), batch_stats, images))
+
+
+def teacher_prediction(model, params, batch_stats, images):
+    """P̂ (Eq. 2): mean sigmoid over the 6 weak views, each forwarded alone, mapped back; constant."""
+    views = weak_views(images)
+    logits = jax.vmap(lambda v: forward_test_stats(model, params, batch_stats, v))(views)
+    probs = jax.nn.sigmoid(invert_weak_views(logits))
+    return jax.lax.stop_gradient(jnp.mean(probs, axis=0))
+
+
+def strong_view(key, images, strong_overrides):
+    """X̃ (Eq. 2): one strong view per image of the batch."""
+    keys = jax.random.split(key, images.shape[0])
+    return jax.vmap(lambda k, x: strong_augment(k, x, **strong_overrides))(keys, images)
+
+
+def consistency_loss(model, bn_params, frozen, batch_stats, images, key, strong_overrides=None):
+    """L_con (Eq. 2): BCE-with-logits between the strong view's logits and the weak-view teacher."""
+    params = merge_params(bn_params, frozen)
+    teacher = teacher_prediction(model, params, batch_stats, images)
+    student = forward_test_stats(model, params, batch_stats, strong_view(key, images, strong_overrides or {}))
+    return bce_with_logits(student, teacher)
+
+
+@register("grata")
+def make(model, hparams) -> Method:
+    base_lr = float(hparams.get("lr", 1e-4))
+    schedule = hparams.get("lr_schedule", "dynamic")
+    lr_map = hparams.get("lr_map", "quadratic")
+    lookahead = bool(hparams.get("lookahead", True))
+    pseudo, auxiliary = hparams.get("pseudo", "consistency"), hparams.get("auxiliary", "entropy")
+    strong_overrides = dict(hparams.get("strong", {}) or {})
+    for name, value in (("pseudo", pseudo), ("auxiliary", auxiliary)):
+        if value not in OBJECTIVES:
+            raise ValueError(f"unknown grata.{name} objective {value!r}; choose one of {list(OBJECTIVES)}")
+    if schedule not in ("dynamic", "fixed"):
+        raise ValueError(f"unknown grata.lr_schedule {schedule!r}; choose dynamic or fixed")
+    if lr_map not in LR_MAPS:
+        raise ValueError(f"unknown grata.lr_map {lr_map!r}; choose one of {sorted(LR_MAPS)}")
+    strong_augment(jax.random.PRNGKey(0), jnp.zeros((4, 4, 3)), **strong_overrides)  # validate option names
+
+    optimizer = optax.inject_hyperparams(optax.adam)(
+        learning_rate=base_lr, b1=float(hparams.get("b1", 0.9)), b2=float(hparams.get("b2", 0.999)))
+
+    def objective(name):
+        if name == "entropy":
+            return lambda p, st, x, k: entropy_loss(model, p, st.frozen_params, st.batch_stats, x, k)
+        return lambda p, st, x, k: consistency_loss(model, p, st.frozen_params, st.batch_stats, x, k,
+                                                    strong_overrides)
+
+    aux_objective, pse_objective = objective(auxiliary), objective(pseudo)
+
+    def init(variables, rng):
+        del rng
+        return init_bn_adapt_state(variables, optimizer)
+
+    def step(state, images, rng):
+        check_step_input(images)
+        k_aux, k_pse = jax.random.split(rng)
+        theta = state.bn_params
+        aux_loss, g_aux = jax.value_and_grad(aux_objective)(theta, state, images, k_aux)
+        theta_eval = lookahead_params(theta, g_aux) if lookahead else theta
+        pse_loss, g_pse = jax.value_and_grad(pse_objective)(theta_eval, state, images, k_pse)
+        cos = gradient_cosine(g_pse, g_aux)
+        eta = dynamic_learning_rate(cos, base_lr, lr_map) if schedule == "dynamic" else jnp.asarray(base_lr)
+        # Adam's learning rate for this step is η; its moments see g_pse only.
+        opt_state = state.opt_state._replace(hyperparams={**state.opt_state.hyperparams, "learning_rate": eta})
+        updates, opt_state = optimizer.update(g_pse, opt_state, theta)
+        new = state._replace(bn_params=optax.apply_updates(theta, updates), opt_state=opt_state)
+        new, ok = keep_if_finite(new, state, aux_loss, pse_loss, cos)
+        logits = forward_test_stats(model, merge_params(new.bn_params, new.frozen_params), new.batch_stats, images)
+        info = {"cos": cos, "eta": eta, "aux_loss": aux_loss, "pse_loss": pse_loss,
+                "skipped": 1.0 - ok.astype(jnp.float32)}
+        return new, logits, info
+
+    return Method("grata", init, step)
