@@ -31,17 +31,21 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.cache_dir = "~/.cache/tta_jax"  # cached source models and XLA compilation cache
     c.compilation_cache = True
     c.log_every_s = 10.0
+    c.analysis = False                # label-based diagnostics (e.g. GraTa Fig. 4); never used to adapt
 
-    c.model = ml_collections.ConfigDict(dict(backbone="resnet18", width=0.25))
+    # aux_heads: comma-separated GraTa Table 5 branches (reconstruction, rotation,
+    # super_resolution, denoising); trained with the source model when set.
+    c.model = ml_collections.ConfigDict(dict(backbone="resnet18", width=0.25, aux_heads="", sr_factor=4))
     c.synthetic = ml_collections.ConfigDict(dict(num_train=200, num_test=40, seed=0))
     c.source = ml_collections.ConfigDict(dict(
-        steps=800, batch_size=8, lr=1e-3, optimizer="adam", photometric=0.2, seed=0))
+        steps=800, batch_size=8, lr=1e-3, optimizer="adam", photometric=0.2, seed=0, denoise_std=1.0))
 
     # Per-method hyperparameters (the sub-dict named like the method).
     c.tent = ml_collections.ConfigDict(dict(lr=1e-3, b1=0.9, b2=0.999, steps=1))
     c.grata = ml_collections.ConfigDict(dict(
         lr=1e-4, b1=0.9, b2=0.999, lr_schedule="dynamic", lr_map="quadratic", lookahead=True,
-        pseudo="consistency", auxiliary="entropy", strong=ml_collections.ConfigDict(STRONG_AUGMENT)))
+        pseudo="consistency", auxiliary="entropy", denoise_std=1.0,
+        strong=ml_collections.ConfigDict(STRONG_AUGMENT)))
     # Named rows of ablation tables: {row name: {"method": registered name, **overrides}}.
     c.variants = ml_collections.ConfigDict()
     return c

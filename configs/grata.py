@@ -10,6 +10,9 @@ Variants, combine with commas (``--config=configs/grata.py:table2,polyp``):
   L_con(θ − ∇L_ent) with β, L_con(θ − ∇L_ent) with η (GraTa);
 * ``table3`` — TENT (L_ent(θ), β) vs the swapped L_ent(θ − ∇L_con) with η vs GraTa;
 * ``table4`` — the maps of the cosine to η: linear, sigmoid, ReLU, softplus, ours;
+* ``table5`` — every (auxiliary, pseudo) pair of the six objectives (30 rows,
+  named ``grata_<aux>__<pse>``); trains a source model with the four
+  self-supervised branches (super-resolution ×2 below 128², ×4 from 128²);
 * ``polyp`` — real data, Kvasir-SEG → CVC-ClinicDB (``target_domains`` and
   ``source_domain`` overridable); ``paper`` — 512², ResNet-34, full width;
   ``quick`` — smoke run.
@@ -41,11 +44,28 @@ TABLE_VARIANTS = {
 }
 
 
+TABLE5_OBJECTIVES = ("consistency", "entropy", "reconstruction", "rotation", "super_resolution", "denoising")
+
+
+def _table5():
+    rows = {}
+    for aux in TABLE5_OBJECTIVES:
+        for pse in TABLE5_OBJECTIVES:
+            if aux != pse:
+                rows[f"grata_{aux}__{pse}"] = {"method": "grata", "auxiliary": aux, "pseudo": pse}
+    return rows
+
+
+TABLE_VARIANTS["table5"] = _table5()
+
+
 def get_config(arg=None):
     c = common.get_base_config()
     c.methods = "no_adapt,bn,tent,grata"
     tables = [a for a in (arg or "").split(",") if a in TABLE_VARIANTS]
     rest = ",".join(a for a in (arg or "").split(",") if a and a not in TABLE_VARIANTS)
+    if "table5" in tables:
+        c.model.aux_heads = "reconstruction,rotation,super_resolution,denoising"
     if tables:
         rows = ["no_adapt"]
         for table in tables:
@@ -55,4 +75,7 @@ def get_config(arg=None):
                 if name not in rows:
                     rows.append(name)
         c.methods = ",".join(rows)
-    return common.apply_variant(c, rest)
+    c = common.apply_variant(c, rest)
+    if "table5" in tables and c.image_size < 128:
+        c.model.sr_factor = 2
+    return c

@@ -124,7 +124,8 @@ def resolve_domains(config, dataset) -> tuple[str, list[str]]:
 
 
 def build_model(config, num_classes: int) -> ResUNet:
-    return ResUNet(backbone=config.model.backbone, num_classes=num_classes, width=config.model.width)
+    return ResUNet(backbone=config.model.backbone, num_classes=num_classes, width=config.model.width,
+                   aux_heads=tuple(_split_list(config.model.aux_heads)), sr_factor=config.model.sr_factor)
 
 
 def source_settings(config) -> dict:
@@ -143,8 +144,15 @@ def get_source_model(config, model, dataset, source: str):
     template = init_variables(model, jax.random.PRNGKey(config.source.seed), config.image_size)
     template = jax.device_get(template)
     if config.source_checkpoint:
-        variables = checkpoints.restore_variables(config.source_checkpoint, template)
-        return variables, {"checkpoint": str(config.source_checkpoint), "trained_now": False}
+        path = Path(os.path.expanduser(config.source_checkpoint))
+        if path.suffix in (".pth", ".pt"):
+            # official PyTorch weights (e.g. GraTa/VPTTA last-Res_Unet.pth)
+            from tta_jax.models.convert import load_torch_state_dict, torch_state_dict_to_flax
+            variables, ignored = torch_state_dict_to_flax(load_torch_state_dict(path), template)
+            return variables, {"checkpoint": str(path), "trained_now": False, "format": "pytorch",
+                               "ignored_keys": ignored}
+        variables = checkpoints.restore_variables(path, template)
+        return variables, {"checkpoint": str(path), "trained_now": False}
     settings = source_settings(config)
     ckpt_dir = Path(os.path.expanduser(config.cache_dir)) / "source_models" / _hash(settings)
     if (ckpt_dir / "meta.json").exists():
@@ -161,7 +169,8 @@ def get_source_model(config, model, dataset, source: str):
     variables, history = train_source(
         model, template, train.images, train.masks, jax.random.PRNGKey(config.source.seed),
         steps=config.source.steps, batch_size=config.source.batch_size, lr=config.source.lr,
-        optimizer=config.source.optimizer, photometric=config.source.photometric)
+        optimizer=config.source.optimizer, photometric=config.source.photometric,
+        denoise_std=config.source.denoise_std)
     info = {"train_seconds": time.perf_counter() - start, "loss_history": history, "train_images": train.size}
     checkpoints.save_variables(ckpt_dir, variables, {"settings": settings, "training": info})
     logging.info("source model saved to %s", ckpt_dir)
@@ -257,10 +266,11 @@ def run(config, workdir: str) -> dict:
 
     base_fp = {"source": source_settings(config), "checkpoint": str(config.source_checkpoint),
                "targets": targets, "protocol": config.protocol, "loop": config.loop,
-               "scan_chunk": config.scan_chunk, "target_split": target_split}
+               "scan_chunk": config.scan_chunk, "target_split": target_split, "analysis": config.analysis}
     for method_name in _split_list(config.methods):
         base, hparams = resolve_method(config, method_name)
-        runner = StreamRunner(make_method(base, model, hparams), config.loop, config.scan_chunk)
+        runner = StreamRunner(make_method(base, model, hparams), config.loop, config.scan_chunk,
+                              analysis=config.analysis)
         runs = []
         m_start = time.perf_counter()
         for seed in results["seeds"]:

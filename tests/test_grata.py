@@ -210,3 +210,69 @@ def test_nonfinite_step_keeps_state(tiny_model, tiny_variables, image):
     new, _, info = jax.jit(m.step)(state, image.at[0, 3, 3, 1].set(jnp.inf), jax.random.PRNGKey(0))
     assert float(info["skipped"]) == 1.0
     jax.tree.map(np.testing.assert_array_equal, new, state)
+
+
+def test_empirical_gradient_analysis(tiny_model, tiny_variables):
+    """Fig. 4 diagnostic: recorded when asked, computed from the label, and without effect on adaptation."""
+    from tta_jax.data import SyntheticFundus
+    from tta_jax.methods.base import supervised_bn_gradient
+    data = SyntheticFundus(num_train=0, num_test=2).load("C", "test", 32)
+    m = make_method("grata", tiny_model, {"strong": STRONG_OFF})
+    probe = StreamRunner(m, analysis=True)
+    s0 = m.init(tiny_variables, None)
+    _, _, info2 = probe.run_stream(s0, data.images, data.masks, jax.random.PRNGKey(0))
+    assert info2["cos_empirical"].shape == (2,) and np.all(np.abs(info2["cos_empirical"]) <= 1)
+    # the first value equals the cosine computed by hand at the initial state
+    x, y = data.images[:1], data.masks[:1]
+    from tta_jax.methods.grata import entropy_loss, consistency_loss
+    ent_grad = jax.jit(jax.grad(lambda p: entropy_loss(tiny_model, p, s0.frozen_params, s0.batch_stats, x, None)))
+    theta_prime = lookahead_params(s0.bn_params, ent_grad(s0.bn_params))
+    g_pse = jax.jit(jax.grad(lambda p: consistency_loss(tiny_model, p, s0.frozen_params, s0.batch_stats, x,
+                                                        jax.random.PRNGKey(0), STRONG_OFF)))(theta_prime)
+    g_emp = jax.jit(lambda s: supervised_bn_gradient(tiny_model, s, x, y))(s0)
+    assert info2["cos_empirical"][0] == pytest.approx(float(gradient_cosine(g_pse, g_emp)), abs=1e-4)
+
+
+@pytest.mark.slow
+def test_table5_objectives_with_aux_branches():
+    """Self-supervised objectives as GraTa's auxiliary/pseudo losses (Table 5)."""
+    from tta_jax.models import ResUNet, init_variables
+    from tta_jax.auxiliary import ROTATION_VIEWS, rotate_batch
+    model = ResUNet(backbone="resnet18", num_classes=2, width=0.0625,
+                    aux_heads=("reconstruction", "rotation", "super_resolution", "denoising"), sr_factor=2)
+    variables = jax.device_get(init_variables(model, jax.random.PRNGKey(0), 64))
+    x = jax.random.uniform(jax.random.PRNGKey(1), (1, 64, 64, 3))
+    m = make_method("grata", model, {"auxiliary": "rotation", "pseudo": "reconstruction", "strong": STRONG_OFF})
+    state = m.init(variables, None)
+    new, logits, info = jax.jit(m.step)(state, x, jax.random.PRNGKey(0))
+    assert np.isfinite(float(info["cos"])) and float(info["skipped"]) == 0
+    # the reconstruction loss is the MSE between sigmoid(branch) and the input
+    _, branches = model.apply(variables, x, train=True, return_aux=True, mutable=["batch_stats"])[0]
+    expected = float(jnp.mean((jax.nn.sigmoid(branches["reconstruction"]) - x) ** 2))
+    # auxiliary = rotation (random view), pseudo = reconstruction at θ' — check the pseudo loss at θ' = θ
+    m0 = make_method("grata", model, {"auxiliary": "entropy", "pseudo": "reconstruction", "lookahead": False})
+    _, _, info0 = jax.jit(m0.step)(m0.init(variables, None), x, jax.random.PRNGKey(0))
+    assert float(info0["pse_loss"]) == pytest.approx(expected, rel=1e-5)
+    # rotation labels follow the official order and views
+    views, labels = rotate_batch(jax.random.PRNGKey(3), jnp.stack([x[0]] * 4))
+    for v, lab in zip(views, labels):
+        np.testing.assert_array_equal(v, ROTATION_VIEWS[int(lab)](x)[0])
+    with pytest.raises(ValueError, match="needs the model's 'denoising' branch"):
+        make_method("grata", ResUNet(width=0.0625), {"pseudo": "denoising"})
+
+
+def test_auxiliary_inputs_and_losses():
+    from tta_jax.auxiliary import auxiliary_input, auxiliary_loss
+    x = jax.random.uniform(jax.random.PRNGKey(0), (2, 64, 64, 3))
+    small, _ = auxiliary_input("super_resolution", None, x, sr_factor=2)
+    assert small.shape == (2, 32, 32, 3)
+    np.testing.assert_allclose(small[:, 0, 0], x[:, 0, 0], rtol=1e-6)          # align-corners keeps corners
+    np.testing.assert_allclose(small[:, -1, -1], x[:, -1, -1], rtol=1e-6)
+    noisy, _ = auxiliary_input("denoising", jax.random.PRNGKey(1), x, denoise_std=1.0)
+    assert 0.9 < float(jnp.std(noisy - x)) < 1.1
+    with pytest.raises(ValueError, match="divisible by 32"):
+        auxiliary_input("super_resolution", None, x, sr_factor=4)
+    logits = jnp.log(jnp.array([[1.0, 1, 1, 1, 1, 1]]))
+    assert float(auxiliary_loss("rotation", logits, None, jnp.array([2]))) == pytest.approx(np.log(6))
+    out = jnp.zeros((1, 4, 4, 3))
+    assert float(auxiliary_loss("reconstruction", out, jnp.ones((1, 4, 4, 3)))) == pytest.approx(0.25)

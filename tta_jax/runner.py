@@ -77,16 +77,18 @@ class StreamRunner:
     stays 1 across streams and targets of one shape.
     """
 
-    def __init__(self, method: Method, loop: str = "python", scan_chunk: int = 16):
+    def __init__(self, method: Method, loop: str = "python", scan_chunk: int = 16, analysis: bool = False):
         if loop not in LOOPS:
             raise ValueError(f"unknown loop {loop!r}; choose one of {list(LOOPS)}")
         self.method, self.loop, self.scan_chunk = method, loop, int(scan_chunk)
         self.trace_count = 0
+        run_analysis = analysis and method.analysis is not None
 
         def scored_step(state, image, mask, key):
             self.trace_count += 1
+            extra = method.analysis(state, image[None], mask[None], key) if run_analysis else {}
             state, logits, info = method.step(state, image[None], key)
-            return state, dice_per_channel(logits, mask[None])[0], info
+            return state, dice_per_channel(logits, mask[None])[0], {**info, **extra}
 
         self._scored_step = scored_step
         self._jit_step = jax.jit(scored_step)

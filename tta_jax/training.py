@@ -17,6 +17,7 @@ import optax
 from absl import logging
 
 from tta_jax.augment import source_augment
+from tta_jax.auxiliary import auxiliary_objective
 from tta_jax.losses import dice_bce_loss
 from tta_jax.metrics import dice_per_channel
 
@@ -38,8 +39,13 @@ def make_optimizer(name: str, lr: float, steps: int) -> optax.GradientTransforma
 
 def train_source(model, variables, images: np.ndarray, masks: np.ndarray, rng: jax.Array, *,
                  steps: int = 1000, batch_size: int = 8, lr: float = 1e-3, optimizer: str = "adam",
-                 photometric: float = 0.2, log_every: int = 100):
-    """Train ``model`` from ``variables`` on (images, masks); returns (variables, loss history)."""
+                 photometric: float = 0.2, log_every: int = 100, denoise_std: float = 1.0):
+    """Train ``model`` from ``variables`` on (images, masks); returns (variables, loss history).
+
+    If the model has auxiliary branches (``model.aux_heads``), their
+    self-supervised losses (:mod:`tta_jax.auxiliary`) are added with weight 1,
+    so that GraTa's Table 5 objectives have trained branches to use.
+    """
     if len(images) == 0:
         raise ValueError("source training set is empty")
     tx = make_optimizer(optimizer, lr, steps)
@@ -54,9 +60,15 @@ def train_source(model, variables, images: np.ndarray, masks: np.ndarray, rng: j
             jax.random.split(k_aug, batch_size), images_d[idx], masks_d[idx])
 
         def loss_fn(params):
-            logits, new_vars = model.apply({"params": params, "batch_stats": state.batch_stats}, x,
-                                           train=True, mutable=["batch_stats"])
-            return dice_bce_loss(logits, y), new_vars["batch_stats"]
+            variables = {"params": params, "batch_stats": state.batch_stats}
+            logits, new_vars = model.apply(variables, x, train=True, mutable=["batch_stats"])
+            loss = dice_bce_loss(logits, y)
+            for i, name in enumerate(model.aux_heads):
+                forward = lambda inp: model.apply(variables, inp, train=True, return_aux=True,
+                                                  mutable=["batch_stats"])[0]
+                loss = loss + auxiliary_objective(name, forward, jax.random.fold_in(k_aug, 1000 + i), x,
+                                                  model.sr_factor, denoise_std)
+            return loss, new_vars["batch_stats"]
 
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)

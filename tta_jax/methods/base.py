@@ -19,9 +19,18 @@ import jax.numpy as jnp
 
 
 class Method(NamedTuple):
+    """``init``/``step`` as above; ``analysis`` (optional) computes label-based diagnostics.
+
+    ``analysis(state, images, masks, rng) -> dict`` sees the state the step
+    adapts from and the ground truth; the runner calls it only when asked
+    (``analysis=True``), records its scalars next to ``info`` and never feeds
+    them back: labels cannot reach the adaptation.
+    """
+
     name: str
     init: Callable[[Any, jax.Array], Any]
     step: Callable[[Any, jax.Array, jax.Array], tuple[Any, jax.Array, dict]]
+    analysis: Callable[..., dict] | None = None
 
 
 _REGISTRY: dict[str, Callable[..., Method]] = {}
@@ -44,6 +53,21 @@ def make_method(name: str, model, hparams=None) -> Method:
     if name not in _REGISTRY:
         raise ValueError(f"unknown method {name!r}; available methods: {available_methods()}")
     return _REGISTRY[name](model, dict(hparams or {}))
+
+
+def supervised_bn_gradient(model, state, images, masks):
+    """The 'empirical' gradient (GraTa Fig. 4): ∇ BCE(f_θ(x), y) w.r.t. the BN affine parameters.
+
+    ``state`` has ``bn_params``/``frozen_params``/``batch_stats``; test-image BN statistics.
+    """
+    from tta_jax.bn import forward_test_stats, merge_params
+    from tta_jax.losses import bce_with_logits
+
+    def loss(bn_params):
+        logits = forward_test_stats(model, merge_params(bn_params, state.frozen_params), state.batch_stats, images)
+        return bce_with_logits(logits, masks.astype(logits.dtype))
+
+    return jax.grad(loss)(state.bn_params)
 
 
 def check_step_input(images: jax.Array) -> None:

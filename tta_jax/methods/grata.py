@@ -22,8 +22,11 @@ Hyperparameters (config ``grata.*``):
 * ``lr_map``: ``quadratic`` ¼(x+1)² (default), ``linear`` ½(x+1),
   ``sigmoid``, ``relu``, ``softplus`` (Table 4);
 * ``lookahead``: True (L_pse(θ − ∇L_aux)) or False (L_pse(θ); Table 2);
-* ``pseudo`` / ``auxiliary``: ``consistency`` / ``entropy`` (default) or
-  swapped (Table 3);
+* ``pseudo`` / ``auxiliary``: ``consistency`` / ``entropy`` (default),
+  swapped (Table 3), or any pair of ``entropy``, ``consistency``,
+  ``reconstruction``, ``rotation``, ``super_resolution``, ``denoising``
+  (Table 5; the last four need ``model.aux_heads``, see :mod:`tta_jax.auxiliary`);
+* ``denoise_std`` (1.0, the paper's N(0, 1));
 * ``strong``: overrides of the strong augmentation (e.g. all ``p_*`` = 0
   for a deterministic step; see :func:`tta_jax.augment.strong_augment`).
 """
@@ -34,9 +37,11 @@ import jax.numpy as jnp
 import optax
 
 from tta_jax.augment import invert_weak_views, strong_augment, weak_views
+from tta_jax.auxiliary import auxiliary_objective
+from tta_jax.models.resunet import AUX_HEADS
 from tta_jax.bn import forward_test_stats, merge_params
 from tta_jax.losses import bce_with_logits, sigmoid_entropy_plogp
-from tta_jax.methods.base import Method, check_step_input, keep_if_finite, register
+from tta_jax.methods.base import Method, check_step_input, keep_if_finite, register, supervised_bn_gradient
 from tta_jax.methods.tent import init_bn_adapt_state
 
 COSINE_EPS = 1e-12
@@ -48,7 +53,7 @@ LR_MAPS = {
     "relu": jax.nn.relu,
     "softplus": jax.nn.softplus,
 }
-OBJECTIVES = ("entropy", "consistency")
+OBJECTIVES = ("entropy", "consistency", *AUX_HEADS)
 
 
 def lookahead_params(params, aux_grads):
@@ -117,11 +122,23 @@ def make(model, hparams) -> Method:
     optimizer = optax.inject_hyperparams(optax.adam)(
         learning_rate=base_lr, b1=float(hparams.get("b1", 0.9)), b2=float(hparams.get("b2", 0.999)))
 
+    denoise_std = float(hparams.get("denoise_std", 1.0))
+
     def objective(name):
         if name == "entropy":
             return lambda p, st, x, k: entropy_loss(model, p, st.frozen_params, st.batch_stats, x, k)
-        return lambda p, st, x, k: consistency_loss(model, p, st.frozen_params, st.batch_stats, x, k,
-                                                    strong_overrides)
+        if name == "consistency":
+            return lambda p, st, x, k: consistency_loss(model, p, st.frozen_params, st.batch_stats, x, k,
+                                                        strong_overrides)
+        if name not in model.aux_heads:
+            raise ValueError(f"grata objective {name!r} needs the model's {name!r} branch: add it to "
+                             f"model.aux_heads and train the source model with it")
+
+        def self_supervised(p, st, x, k):
+            params = merge_params(p, st.frozen_params)
+            forward = lambda inp: forward_test_stats(model, params, st.batch_stats, inp, return_aux=True)
+            return auxiliary_objective(name, forward, k, x, model.sr_factor, denoise_std)
+        return self_supervised
 
     aux_objective, pse_objective = objective(auxiliary), objective(pseudo)
 
@@ -129,13 +146,19 @@ def make(model, hparams) -> Method:
         del rng
         return init_bn_adapt_state(variables, optimizer)
 
-    def step(state, images, rng):
-        check_step_input(images)
+    def aligned_gradients(state, images, rng):
+        """g_aux = ∇L_aux(θ) and g_pse = ∇L_pse(θ − g_aux) (or at θ without look-ahead)."""
         k_aux, k_pse = jax.random.split(rng)
         theta = state.bn_params
         aux_loss, g_aux = jax.value_and_grad(aux_objective)(theta, state, images, k_aux)
         theta_eval = lookahead_params(theta, g_aux) if lookahead else theta
         pse_loss, g_pse = jax.value_and_grad(pse_objective)(theta_eval, state, images, k_pse)
+        return aux_loss, g_aux, pse_loss, g_pse
+
+    def step(state, images, rng):
+        check_step_input(images)
+        theta = state.bn_params
+        aux_loss, g_aux, pse_loss, g_pse = aligned_gradients(state, images, rng)
         cos = gradient_cosine(g_pse, g_aux)
         eta = dynamic_learning_rate(cos, base_lr, lr_map) if schedule == "dynamic" else jnp.asarray(base_lr)
         # Adam's learning rate for this step is η; its moments see g_pse only.
@@ -148,4 +171,9 @@ def make(model, hparams) -> Method:
                 "skipped": 1.0 - ok.astype(jnp.float32)}
         return new, logits, info
 
-    return Method("grata", init, step)
+    def analysis(state, images, masks, rng):
+        """Cosine between the update direction g_pse and the supervised gradient (paper Fig. 4)."""
+        _, _, _, g_pse = aligned_gradients(state, images, rng)
+        return {"cos_empirical": gradient_cosine(g_pse, supervised_bn_gradient(model, state, images, masks))}
+
+    return Method("grata", init, step, analysis)

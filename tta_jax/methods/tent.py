@@ -18,7 +18,7 @@ import optax
 
 from tta_jax.bn import forward_test_stats, merge_params, split_bn_params
 from tta_jax.losses import binary_entropy
-from tta_jax.methods.base import Method, check_step_input, keep_if_finite, register
+from tta_jax.methods.base import Method, check_step_input, keep_if_finite, register, supervised_bn_gradient
 
 
 class BNAdaptState(NamedTuple):
@@ -68,4 +68,10 @@ def make(model, hparams) -> Method:
                                     new_state.batch_stats, images)
         return new_state, logits, {"loss": loss, "skipped": skipped}
 
-    return Method("tent", init, step)
+    def analysis(state, images, masks, rng):
+        """Cosine between TENT's gradient and the supervised gradient (GraTa Fig. 4's 'TENT')."""
+        from tta_jax.methods.grata import gradient_cosine
+        g_ent = jax.grad(entropy_loss)(state.bn_params, state, images)
+        return {"cos_empirical": gradient_cosine(g_ent, supervised_bn_gradient(model, state, images, masks))}
+
+    return Method("tent", init, step, analysis)

@@ -105,22 +105,72 @@ class UnetBlock(nn.Module):
         return BatchNorm(use_running_average=not train, name="bn")(x)
 
 
+def _interp_matrix(n: int, out: int):
+    pos = jnp.arange(out) * ((n - 1) / max(out - 1, 1))
+    lo = jnp.clip(jnp.floor(pos).astype(jnp.int32), 0, n - 1)
+    hi = jnp.clip(lo + 1, 0, n - 1)
+    w = pos - lo
+    return jax.nn.one_hot(lo, n) * (1 - w)[:, None] + jax.nn.one_hot(hi, n) * w[:, None]
+
+
+def resize_bilinear_align_corners(x, height: int, width: int):
+    """Bilinear resize of NHWC ``x`` with ``align_corners=True`` (PyTorch ``F.interpolate``)."""
+    mh, mw = _interp_matrix(x.shape[1], height), _interp_matrix(x.shape[2], width)
+    return jnp.einsum("ih,jw,bhwc->bijc", mh, mw, x)
+
+
+def upsample2x_align_corners(x):
+    """Bilinear ×2 upsampling with ``align_corners=True`` (PyTorch ``nn.Upsample`` in the official branches)."""
+    return resize_bilinear_align_corners(x, 2 * x.shape[1], 2 * x.shape[2])
+
+
+def pixel_shuffle(x, factor: int):
+    """PyTorch ``PixelShuffle`` on NHWC: [B, H, W, C·f²] → [B, H·f, W·f, C] (channel order as PyTorch)."""
+    b, h, w, c = x.shape
+    out_c = c // factor**2
+    x = x.reshape(b, h, w, out_c, factor, factor)
+    return x.transpose(0, 1, 4, 2, 5, 3).reshape(b, h * factor, w * factor, out_c)
+
+
+class UpsampleBlock(nn.Module):
+    """Official auxiliary-branch block: bilinear ×2 (align corners), 1×1 conv, ReLU, BN."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = nn.Conv(self.features, (1, 1), name="conv")(upsample2x_align_corners(x))
+        return BatchNorm(use_running_average=not train, name="bn")(nn.relu(x))
+
+
+AUX_HEADS = ("reconstruction", "rotation", "super_resolution", "denoising")
+# PyTorch names of the official branches: recon*, rotate_head, supres*, denoise*.
+_AUX_PREFIX = {"reconstruction": "recon", "denoising": "denoise", "super_resolution": "supres"}
+
+
 class ResUNet(nn.Module):
-    """ResUNet segmentation network (NHWC input in [0, 1] or normalised; logits out).
+    """ResUNet segmentation network (NHWC input; logits out).
 
     Attributes:
       backbone: ``resnet18`` | ``resnet34`` | ``resnet50``.
       num_classes: output logits (sigmoid channels; 2 for optic disc and cup).
       width: channel multiplier (1.0 = official network).
-      aux_heads: names of auxiliary self-supervised heads to build (GraTa
-        Table 5); each is a 1×1 conv or pooled linear layer on the decoder
-        features and is returned in a dict when ``return_aux=True``.
+      aux_heads: auxiliary self-supervised branches of GraTa's Table 5, built as
+        in the official network on the bottleneck features: ``reconstruction``
+        and ``denoising`` (4 :class:`UpsampleBlock` + ×2 upsampling + 1×1 conv
+        to 3 channels), ``super_resolution`` (the same chain, then conv 5×5 →
+        tanh → conv 3×3 → tanh → conv 3×3 to 3·f² and pixel shuffle by
+        ``sr_factor``), ``rotation`` (global pooling → MLP 256–64–6 with
+        LeakyReLU 0.2).  Returned in a dict when ``return_aux=True``.
+      sr_factor: super-resolution factor (the input of that branch is the
+        image downsampled by it).
     """
 
     backbone: str = "resnet34"
     num_classes: int = 2
     width: float = 1.0
     aux_heads: tuple[str, ...] = ()
+    sr_factor: int = 4
 
     @nn.compact
     def __call__(self, x, train: bool = False, return_aux: bool = False):
@@ -130,6 +180,9 @@ class ResUNet(nn.Module):
             raise ValueError(f"ResUNet expects NHWC images of rank 4, got shape {x.shape}")
         if x.shape[1] % 32 or x.shape[2] % 32:
             raise ValueError(f"ResUNet needs image sides divisible by 32, got {x.shape[1:3]}")
+        for name in self.aux_heads:
+            if name not in AUX_HEADS:
+                raise ValueError(f"unknown auxiliary head {name!r}; choose from {list(AUX_HEADS)}")
         kind, stages = RESNET_STAGES[self.backbone]
         block = BasicBlock if kind == "basic" else BottleneckBlock
         c = functools.partial(_channels, width=self.width)
@@ -144,7 +197,8 @@ class ResUNet(nn.Module):
                 x = block(c(64 * 2**i), strides, name=f"layer{i + 1}_{j}")(x, train)
             skips.append(x)
         # skips: stem, layer1, layer2, layer3, (layer4 = bottleneck)
-        x = nn.relu(skips.pop())
+        bottleneck = nn.relu(skips.pop())
+        x = bottleneck
         for k, skip in enumerate(reversed(skips)):
             x = UnetBlock(c(256), name=f"up{k + 1}")(x, skip, train)
         features = nn.ConvTranspose(c(32), (2, 2), strides=(2, 2), padding="VALID", name="up5")(x)
@@ -152,19 +206,26 @@ class ResUNet(nn.Module):
         logits = nn.Conv(self.num_classes, (1, 1), name="seg_head")(head_in)
         if not return_aux:
             return logits
-        return logits, self._aux_outputs(head_in, x)
+        return logits, {name: self._aux_branch(name, bottleneck, train) for name in self.aux_heads}
 
-    def _aux_outputs(self, head_in, bottleneck_up) -> dict[str, Any]:
-        out = {}
-        for name in self.aux_heads:
-            if name in ("reconstruction", "denoising", "super_resolution"):
-                out[name] = nn.Conv(3, (1, 1), name=f"{name}_head")(head_in)
-            elif name == "rotation":
-                pooled = jnp.mean(bottleneck_up, axis=(1, 2))
-                out[name] = nn.Dense(6, name="rotation_head")(pooled)
-            else:
-                raise ValueError(f"unknown auxiliary head {name!r}")
-        return out
+    def _aux_branch(self, name, bottleneck, train):
+        c = functools.partial(_channels, width=self.width)
+        if name == "rotation":
+            h = jnp.mean(bottleneck, axis=(1, 2))
+            h = nn.leaky_relu(nn.Dense(c(256), name="rotate_head_0")(h), 0.2)
+            h = nn.leaky_relu(nn.Dense(c(64), name="rotate_head_2")(h), 0.2)
+            return nn.Dense(6, name="rotate_head_4")(h)
+        prefix = _AUX_PREFIX[name]
+        h = bottleneck
+        for k, base in enumerate((256, 128, 64, 32)):
+            h = UpsampleBlock(c(base), name=f"{prefix}{k + 1}")(h, train)
+        h = upsample2x_align_corners(h)
+        if name != "super_resolution":
+            return nn.Conv(3, (1, 1), name=f"{prefix}_head")(h)
+        h = jnp.tanh(nn.Conv(c(32), (5, 5), padding=_pad(5), name="supres_head_0")(h))
+        h = jnp.tanh(nn.Conv(c(32), (3, 3), padding=_pad(3), name="supres_head_2")(h))
+        h = nn.Conv(3 * self.sr_factor**2, (3, 3), padding=_pad(3), name="supres_head_4")(h)
+        return pixel_shuffle(h, self.sr_factor)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 3))
