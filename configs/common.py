@@ -22,7 +22,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.source_domain = "A"
     c.target_domains = ""             # comma-separated; empty = every other domain
     c.image_size = 64
-    c.protocol = "per_target"         # per_target | continual | episodic
+    c.protocol = "per_target"         # per_target | continual | long_term | mixed | episodic
+    c.rounds = 5                      # long_term: passes over the target sequence
+    c.mixed_seed = 2026               # mixed: permutation seed of the shuffled stream
+    c.metrics = "dice"                # dice | full (+ IoU, ASSD, HD95, E-measure, S-measure)
     c.loop = "python"                 # python | scan
     c.scan_chunk = 16
     c.seeds = 3                       # number of adaptation seeds (seed, seed+1, ...)

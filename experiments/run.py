@@ -30,12 +30,13 @@ from absl import logging
 from tta_jax import checkpoints, report
 from tta_jax.data import DATASETS, get_dataset
 from tta_jax.methods import available_methods, make_method
-from tta_jax.metrics import domain_summary
+from tta_jax.metrics import FULL_METRICS, domain_summary, full_metrics
 from tta_jax.models import ResUNet, init_variables
 from tta_jax.runner import LOOPS, PROTOCOLS, StreamRunner, run_protocol
 from tta_jax.training import evaluate_source_stats, train_source
 
 MODES = ("adapt", "source")
+METRIC_SETS = ("dice", "full")
 SOURCE_CACHE_VERSION = 1  # bump when source training changes meaning
 
 
@@ -94,6 +95,10 @@ def validate_config(config) -> None:
         raise ValueError(f"image_size must be a positive multiple of 32, got {config.image_size}")
     if config.seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {config.seeds}")
+    if config.metrics not in METRIC_SETS:
+        raise ValueError(f"unknown metrics {config.metrics!r}; choose one of {list(METRIC_SETS)}")
+    if config.protocol == "long_term" and config.rounds < 1:
+        raise ValueError(f"rounds must be >= 1 for long_term, got {config.rounds}")
 
 
 def setup_compilation_cache(config) -> None:
@@ -198,18 +203,44 @@ def run_method_seed(config, row_name, hparams, runner, variables, targets, seed,
             logging.warning("ignoring corrupt partial result %s", path)
     start = time.perf_counter()
     results, runner = run_protocol(runner.method, variables, targets, config.protocol, jax.random.PRNGKey(seed),
-                                   label=f"{method_name} seed {seed}", runner=runner)
+                                   label=f"{method_name} seed {seed}", runner=runner, rounds=config.rounds,
+                                   mixed_seed=config.mixed_seed)
     seconds = time.perf_counter() - start
-    channel_names = targets[0].channel_names if hasattr(targets[0], "channel_names") else None
+    channel_names = targets[0].channel_names
+    masks_by_id = {t.name: {i: m for i, m in zip(t.ids, t.masks)} for t in targets}
     out = {
         "method": method_name, "registered_method": runner.method.name, "seed": seed,
-        "fingerprint": fingerprint, "hparams": hparams,
+        "fingerprint": fingerprint, "hparams": hparams, "protocol": config.protocol,
         "seconds": seconds, "trace_count": runner.trace_count,
-        "domains": {r.domain: domain_summary(r.dice, channel_names) for r in results},
-        "per_image": {r.domain: {"ids": list(r.ids), "dice": r.dice.tolist(),
-                                 "info": {k: v.tolist() for k, v in r.info.items()},
-                                 "seconds": r.seconds} for r in results},
+        "domains": {}, "per_image": [],
     }
+    by_domain: dict[str, list] = {}
+    for r in results:
+        by_domain.setdefault(r.domain, []).append(r)
+        entry = {"domain": r.domain, "round": r.round, "ids": list(r.ids), "dice": r.dice.tolist(),
+                 "info": {k: v.tolist() for k, v in r.info.items()}, "seconds": r.seconds}
+        if r.positions is not None:
+            entry["positions"] = r.positions.tolist()
+        if r.predictions is not None:
+            entry["metrics"] = [
+                {ch: full_metrics(prob[..., c] / 255.0, masks_by_id[r.domain][i][..., c])
+                 for c, ch in enumerate(channel_names)}
+                for i, prob in zip(r.ids, r.predictions["prob_u8"])]
+        out["per_image"].append(entry)
+    for domain, rs in by_domain.items():
+        summary = domain_summary(np.concatenate([r.dice for r in rs]), channel_names)
+        entries = [e for e in out["per_image"] if e["domain"] == domain and "metrics" in e]
+        if entries:
+            per_image = [m for e in entries for m in e["metrics"]]
+            summary["metrics"] = {metric: float(np.mean([[m[ch][metric] for ch in channel_names]
+                                                          for m in per_image]))
+                                  for metric in FULL_METRICS}
+        out["domains"][domain] = summary
+    if config.protocol == "long_term":
+        rounds = sorted({r.round for r in results})
+        out["round_means"] = [float(np.mean([domain_summary(r.dice, channel_names)["mean"]
+                                             for r in results if r.round == k])) for k in rounds]
+        out["degradation"] = float(np.mean(out["round_means"]) - out["round_means"][0])
     checkpoints.atomic_write_text(path, json.dumps(out))
     return out
 
@@ -266,11 +297,13 @@ def run(config, workdir: str) -> dict:
 
     base_fp = {"source": source_settings(config), "checkpoint": str(config.source_checkpoint),
                "targets": targets, "protocol": config.protocol, "loop": config.loop,
-               "scan_chunk": config.scan_chunk, "target_split": target_split, "analysis": config.analysis}
+               "scan_chunk": config.scan_chunk, "target_split": target_split, "analysis": config.analysis,
+               "metrics": config.metrics, "rounds": config.rounds if config.protocol == "long_term" else None,
+               "mixed_seed": config.mixed_seed if config.protocol == "mixed" else None}
     for method_name in _split_list(config.methods):
         base, hparams = resolve_method(config, method_name)
         runner = StreamRunner(make_method(base, model, hparams), config.loop, config.scan_chunk,
-                              analysis=config.analysis)
+                              analysis=config.analysis, keep_predictions=config.metrics == "full")
         runs = []
         m_start = time.perf_counter()
         for seed in results["seeds"]:
@@ -297,6 +330,13 @@ def _adapt_table(results) -> str:
     if len(results["channels"]) > 1:
         for ch in results["channels"]:
             lines += [f"Dice of channel `{ch}`:", "", report.markdown_table(methods, targets, key=ch), ""]
+    if all("metrics" in agg for agg in methods.values()):
+        lines += ["All metrics (per-channel mean, averaged over targets):", "", report.metrics_table(methods), ""]
+    if all("round_means" in agg for agg in methods.values()):
+        lines += [f"Long-term protocol ({results['config']['rounds']} rounds):", "",
+                  report.rounds_table(methods), ""]
+    if results["protocol"] == "mixed":
+        lines += [f"Mixed stream: all target images shuffled with seed {results['config']['mixed_seed']}.", ""]
     lines.append(f"Source model on its own domain {results['source_domain']} (held-out, no adaptation): "
                  f"{own['mean']:.2f}")
     return "\n".join(lines)

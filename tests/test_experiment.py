@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import REPO, shared_data
 from experiments.run import run, validate_config
@@ -66,7 +67,13 @@ def test_bad_domains_and_missing_folder(tmp_path):
         run(c, str(tmp_path / "w"))
 
 
-def test_end_to_end_adaptation_improves_and_resumes(tmp_path):
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("shared")
+
+
+def test_end_to_end_adaptation_improves_and_resumes(shared_cache):
+    tmp_path = shared_cache
     c = tiny_config(tmp_path)
     work = tmp_path / "work"
     res = run(c, str(work))
@@ -86,6 +93,27 @@ def test_end_to_end_adaptation_improves_and_resumes(tmp_path):
     res2 = run(c, str(work))
     assert res2["source"]["trained_now"] is False
     assert res2["methods"]["tent"]["average"] == res["methods"]["tent"]["average"]
+
+
+def test_long_term_mixed_and_full_metrics(shared_cache, tmp_path):
+    c = tiny_config(shared_cache, methods="bn,tent")
+    c.seeds, c.protocol, c.rounds, c.metrics = 2, "long_term", 2, "full"
+    res = run(c, str(tmp_path / "lt"))
+    tent = res["methods"]["tent"]
+    assert len(tent["round_means"]) == 2
+    assert tent["degradation"]["mean"] == pytest.approx(
+        np.mean([r["mean"] for r in tent["round_means"]]) - tent["round_means"][0]["mean"], abs=1e-9)
+    assert res["methods"]["bn"]["degradation"]["mean"] == pytest.approx(0, abs=1e-9)   # nothing adapts
+    assert set(tent["metrics"]) == {"dice", "iou", "assd", "hd95", "e_measure", "s_measure"}
+    # the host-side Dice (from 8-bit probabilities) agrees with the on-device Dice
+    assert tent["metrics"]["dice"]["mean"] == pytest.approx(tent["average"]["mean"], abs=0.5)
+    md = (tmp_path / "lt" / "results.md").read_text()
+    assert "Degradation" in md and "HD95" in md
+    c.protocol = "mixed"
+    res = run(c, str(tmp_path / "mixed"))
+    seed_run = json.loads((tmp_path / "mixed" / "runs" / "tent" / "seed_0.json").read_text())
+    positions = sorted(p for e in seed_run["per_image"] for p in e["positions"])
+    assert positions == list(range(8)) and res["config"]["mixed_seed"] == 2026
 
 
 @pytest.mark.slow

@@ -41,3 +41,70 @@ def test_dice_shape_mismatch():
 def test_domain_summary():
     s = domain_summary(np.array([[100.0, 50.0], [80.0, 30.0]]), ("disc", "cup"))
     assert s == {"disc": 90.0, "cup": 40.0, "mean": 65.0}
+
+
+from tta_jax.metrics import e_measure_max, full_metrics, iou, s_measure, surface_distances  # noqa: E402
+
+
+def _square(size, lo, hi):
+    m = np.zeros((size, size), bool)
+    m[lo:hi, lo:hi] = True
+    return m
+
+
+def test_iou_known_and_empty():
+    a, b = _square(10, 0, 4), _square(10, 2, 6)     # 16 and 16 px, overlap 4
+    assert iou(a, b) == pytest.approx(4 / 28 * 100, rel=1e-6)
+    assert iou(np.zeros((4, 4)), np.zeros((4, 4))) == pytest.approx(100)
+    assert iou(a, np.zeros_like(a)) < 1e-3
+
+
+def test_surface_distances_shifted_square():
+    gt = _square(20, 5, 10)
+    pred = np.roll(gt, 3, axis=1)                     # the same square, 3 px to the right
+    assd, hd95 = surface_distances(pred, gt)
+    assert hd95 == pytest.approx(3.0)
+    assert 0 < assd <= 3.0
+    assert surface_distances(gt, gt) == (0.0, 0.0)
+    assert surface_distances(np.zeros_like(gt), np.zeros_like(gt)) == (0.0, 0.0)
+    diag = np.hypot(20, 20)
+    assert surface_distances(np.zeros_like(gt), gt) == (pytest.approx(diag), pytest.approx(diag))
+
+
+def test_surface_distances_nested_squares_exact():
+    gt = _square(30, 5, 25)       # 20×20
+    pred = _square(30, 7, 23)     # 16×16, inset by 2 on every side
+    assd, hd95 = surface_distances(pred, gt)
+    # P→G: all 60 surface pixels at 2.  G→P: of 76 surface pixels, per corner one at √8 and two
+    # at √5, the other 64 at 2.  ASSD = (2 + mean_GP) / 2.
+    mean_gp = (64 * 2 + 4 * np.sqrt(8) + 8 * np.sqrt(5)) / 76
+    assert assd == pytest.approx((2 + mean_gp) / 2, rel=1e-9)
+    assert 2.0 <= hd95 <= np.sqrt(8)
+
+
+def test_e_and_s_measure_extremes():
+    gt = _square(16, 4, 12)
+    perfect = gt.astype(float)
+    # the reference formula divides by N − 1: a perfect map scores N / (N − 1)
+    assert e_measure_max(perfect, gt) == pytest.approx(256 / 255, rel=1e-9)
+    assert s_measure(perfect, gt) == pytest.approx(1.0, abs=1e-6)
+    inverted = 1 - perfect
+    assert e_measure_max(inverted, gt) < 0.3
+    assert s_measure(inverted, gt) < 0.1
+    empty = np.zeros_like(gt)
+    assert s_measure(np.zeros((16, 16)), empty) == pytest.approx(1.0)
+    assert s_measure(np.full((16, 16), 0.25), empty) == pytest.approx(0.75)
+    assert e_measure_max(np.zeros((16, 16)), empty) == pytest.approx(256 / 255, rel=1e-6)
+    # a blurred, partly right prediction lies in between
+    partial = np.clip(perfect * 0.7 + 0.1, 0, 1)
+    assert 0.5 < s_measure(partial, gt) < 1.0
+
+
+def test_full_metrics_consistent_with_dice():
+    gt = _square(16, 4, 12)
+    prob = np.roll(gt, 2, axis=0).astype(float) * 0.9
+    m = full_metrics(prob, gt)
+    logits = np.where(prob > 0.5, 5.0, -5.0)[None, ..., None]
+    assert m["dice"] == pytest.approx(float(dice_per_channel(logits, gt[None, ..., None])[0, 0]), rel=1e-6)
+    assert set(m) == {"dice", "iou", "assd", "hd95", "e_measure", "s_measure"}
+    assert m["hd95"] == pytest.approx(2.0)

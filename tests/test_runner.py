@@ -65,3 +65,24 @@ def test_unknown_protocol_and_loop(tent, tiny_variables, targets):
         run_protocol(tent, tiny_variables, targets, "sometimes", jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="unknown loop"):
         StreamRunner(tent, "while")
+
+
+def test_long_term_and_mixed(tent, tiny_variables, targets):
+    runner = StreamRunner(tent, keep_predictions=True)
+    key = jax.random.PRNGKey(0)
+    lt, _ = run_protocol(tent, tiny_variables, targets, "long_term", key, runner=runner, rounds=2)
+    assert [(r.domain, r.round) for r in lt] == [("B", 0), ("C", 0), ("B", 1), ("C", 1)]
+    assert lt[2].info["loss"][0] != pytest.approx(lt[0].info["loss"][0], rel=1e-6)   # state carried on
+    assert list(lt[3].positions) == [9, 10, 11]
+    pred = lt[0].predictions
+    assert pred["pred"].shape == (3, 32, 32, 2) and pred["prob_u8"].dtype == np.uint8
+    mixed, _ = run_protocol(tent, tiny_variables, targets, "mixed", key, runner=runner, mixed_seed=2026)
+    order = np.random.default_rng(2026).permutation(6)
+    pos = np.concatenate([r.positions for r in mixed])
+    assert sorted(pos) == list(range(6))
+    ids = {p: i for r in mixed for p, i in zip(r.positions, r.ids)}
+    all_ids = list(targets[0].ids) + list(targets[1].ids)
+    assert [ids[p] for p in range(6)] == [all_ids[k] for k in order]
+    assert runner.trace_count == 1
+    with pytest.raises(ValueError, match="rounds >= 1"):
+        run_protocol(tent, tiny_variables, targets, "long_term", key, runner=runner, rounds=0)

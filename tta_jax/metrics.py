@@ -40,3 +40,146 @@ def domain_summary(dice: np.ndarray, channel_names) -> dict:
     out = {name: float(dice[:, i].mean()) for i, name in enumerate(channel_names)}
     out["mean"] = float(dice.mean())
     return out
+
+
+# --- Full per-image metrics (host side, numpy/scipy) ------------------------------
+# Computed from the thresholded prediction (Dice, IoU, ASSD, HD95) or from the
+# probability map (E-measure, S-measure) of one channel of one image.
+
+IOU_EPS = 1e-6
+SM_ALPHA = 0.5
+FULL_METRICS = ("dice", "iou", "assd", "hd95", "e_measure", "s_measure")
+
+
+def iou(pred: np.ndarray, gt: np.ndarray) -> float:
+    """IoU ×100 with the Dice epsilon convention: both empty → 100, one empty → 0."""
+    pred, gt = pred.astype(bool), gt.astype(bool)
+    inter, union = np.logical_and(pred, gt).sum(), np.logical_or(pred, gt).sum()
+    return float((inter + IOU_EPS) / (union + IOU_EPS) * 100)
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+    eroded = ndimage.binary_erosion(mask, structure=np.ones((3, 3), bool), border_value=0)
+    return np.logical_and(mask, np.logical_not(eroded))
+
+
+def _surface_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Distances (pixels) from each surface pixel of ``a`` to the nearest surface pixel of ``b``."""
+    from scipy import ndimage
+    dist_to_b = ndimage.distance_transform_edt(np.logical_not(_surface(b)))
+    return dist_to_b[_surface(a)]
+
+
+def surface_distances(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
+    """(ASSD, HD95) in pixels, as medpy computes them.
+
+    ASSD = mean of the two average surface distances (P→G, G→P); HD95 = max of
+    the two directed 95th percentiles.  Empty cases (documented choice):
+    both masks empty → (0, 0), a perfect match; exactly one empty → the image
+    diagonal for both, the largest distance possible, so a missed or
+    hallucinated structure is penalised instead of dropped from the mean.
+    """
+    pred, gt = pred.astype(bool), gt.astype(bool)
+    if not pred.any() and not gt.any():
+        return 0.0, 0.0
+    if not pred.any() or not gt.any():
+        diag = float(np.hypot(*pred.shape))
+        return diag, diag
+    d_pg, d_gp = _surface_distances(pred, gt), _surface_distances(gt, pred)
+    assd = (d_pg.mean() + d_gp.mean()) / 2
+    hd95 = max(np.percentile(d_pg, 95), np.percentile(d_gp, 95))
+    return float(assd), float(hd95)
+
+
+def e_measure_max(prob: np.ndarray, gt: np.ndarray, n_thresholds: int = 256) -> float:
+    """Maximum enhanced-alignment measure over thresholds (Fan et al., IJCAI 2018), in [0, 1].
+
+    For each threshold t in linspace(0, 1, 256): FM = prob ≥ t; if G is empty
+    the score map is 1 − FM, if G is full it is FM, else ((φ + 1)²)/4 with the
+    alignment φ = 2·dG·dF/(dG² + dF² + eps) of the mean-removed maps; the
+    score is its sum / (N − 1 + eps).  Returns the max over thresholds.
+    """
+    gt = gt.astype(bool).ravel()
+    prob = prob.astype(np.float64).ravel()
+    n = gt.size
+    eps = np.finfo(np.float64).eps
+    thresholds = np.linspace(0, 1, n_thresholds)
+    fm = (prob[None, :] >= thresholds[:, None]).astype(np.float64)       # [T, N]
+    if not gt.any():
+        enhanced = 1.0 - fm
+    elif gt.all():
+        enhanced = fm
+    else:
+        g = gt.astype(np.float64)
+        d_g = g - g.mean()
+        d_f = fm - fm.mean(axis=1, keepdims=True)
+        align = 2 * d_g * d_f / (d_g**2 + d_f**2 + eps)
+        enhanced = (align + 1) ** 2 / 4
+    scores = enhanced.sum(axis=1) / (n - 1 + eps)
+    return float(scores.max())
+
+
+def _object_score(x: np.ndarray, region: np.ndarray) -> float:
+    vals = x[region]
+    if vals.size == 0:
+        return 0.0
+    mu = vals.mean()
+    sigma = vals.std(ddof=1) if vals.size > 1 else 0.0
+    return float(2 * mu / (mu**2 + 1 + sigma + np.finfo(np.float64).eps))
+
+
+def _ssim_region(pred: np.ndarray, gt: np.ndarray) -> float:
+    n = pred.size
+    if n == 0:
+        return 0.0
+    x, y = pred.mean(), gt.mean()
+    sx = ((pred - x) ** 2).sum() / (n - 1 + np.finfo(np.float64).eps)
+    sy = ((gt - y) ** 2).sum() / (n - 1 + np.finfo(np.float64).eps)
+    sxy = ((pred - x) * (gt - y)).sum() / (n - 1 + np.finfo(np.float64).eps)
+    alpha = 4 * x * y * sxy
+    beta = (x**2 + y**2) * (sx + sy)
+    if alpha != 0:
+        return float(alpha / (beta + np.finfo(np.float64).eps))
+    return 1.0 if beta == 0 else 0.0
+
+
+def s_measure(prob: np.ndarray, gt: np.ndarray, alpha: float = SM_ALPHA) -> float:
+    """Structure measure (Fan et al., ICCV 2017), in [0, 1]: α·S_object + (1 − α)·S_region, α = 0.5.
+
+    Empty G → 1 − mean(prob); full G → mean(prob).  S_region splits the image
+    at the centroid of G into four blocks weighted by area and scores each
+    with the SSIM-like term of the paper.
+    """
+    prob = prob.astype(np.float64)
+    gt = gt.astype(bool)
+    y = gt.mean()
+    if y == 0:
+        return float(1 - prob.mean())
+    if y == 1:
+        return float(prob.mean())
+    fg = np.where(gt, prob, 0.0)
+    bg = np.where(gt, 0.0, 1 - prob)
+    s_object = y * _object_score(fg, gt) + (1 - y) * _object_score(bg, ~gt)
+    h, w = gt.shape
+    rows, cols = np.nonzero(gt)
+    cy, cx = int(round(rows.mean())) + 1, int(round(cols.mean())) + 1   # split after the centroid
+    gtf = gt.astype(np.float64)
+    s_region = 0.0
+    for rs, cs in ((slice(0, cy), slice(0, cx)), (slice(0, cy), slice(cx, w)),
+                   (slice(cy, h), slice(0, cx)), (slice(cy, h), slice(cx, w))):
+        block = gtf[rs, cs]
+        weight = block.size / (h * w)
+        if weight:
+            s_region += weight * _ssim_region(prob[rs, cs], block)
+    return float(max(alpha * s_object + (1 - alpha) * s_region, 0.0))
+
+
+def full_metrics(prob: np.ndarray, gt: np.ndarray, threshold: float = 0.5) -> dict:
+    """All per-image metrics of one channel: Dice/IoU ×100, ASSD/HD95 in pixels, E/S-measure in [0, 1]."""
+    pred = prob > threshold
+    gt = gt.astype(bool)
+    dice = (2 * np.logical_and(pred, gt).sum() + DICE_EPS) / (pred.sum() + gt.sum() + DICE_EPS) * 100
+    assd, hd95 = surface_distances(pred, gt)
+    return {"dice": float(dice), "iou": iou(pred, gt), "assd": assd, "hd95": hd95,
+            "e_measure": e_measure_max(prob, gt), "s_measure": s_measure(prob, gt)}

@@ -33,7 +33,47 @@ def aggregate_method(seed_runs: list[dict], targets: list[str], channel_names) -
         m, s = mean_std(avgs)
         out["average_per_channel"][key] = {"mean": m, "std": s, "per_seed": [float(a) for a in avgs]}
     out["average"] = out["average_per_channel"]["mean"]
+    if all("metrics" in r["domains"][d] for r in seed_runs for d in targets):
+        out["metrics"] = {}
+        for metric in seed_runs[0]["domains"][targets[0]]["metrics"]:
+            per_seed = [np.mean([r["domains"][d]["metrics"][metric] for d in targets]) for r in seed_runs]
+            m, s = mean_std(per_seed)
+            out["metrics"][metric] = {"mean": m, "std": s, "per_domain": {
+                d: dict(zip(("mean", "std"), mean_std([r["domains"][d]["metrics"][metric] for r in seed_runs])))
+                for d in targets}}
+    if all("round_means" in r for r in seed_runs):
+        rounds = np.asarray([r["round_means"] for r in seed_runs])
+        out["round_means"] = [dict(zip(("mean", "std"), mean_std(rounds[:, k]))) for k in range(rounds.shape[1])]
+        m, s = mean_std([r["degradation"] for r in seed_runs])
+        out["degradation"] = {"mean": m, "std": s}
     return out
+
+
+METRIC_LABELS = {"dice": "Dice ↑", "iou": "IoU ↑", "assd": "ASSD (px) ↓", "hd95": "HD95 (px) ↓",
+                 "e_measure": "E-measure ↑", "s_measure": "S-measure ↑"}
+
+
+def metrics_table(methods: dict) -> str:
+    """Rows = methods, columns = every metric averaged over targets (mean ± std over seeds)."""
+    names = [n for n in METRIC_LABELS if all(n in agg.get("metrics", {}) for agg in methods.values())]
+    rows = ["| method | " + " | ".join(METRIC_LABELS[n] for n in names) + " |", "|" + "---|" * (len(names) + 1)]
+    for name, agg in methods.items():
+        digits = lambda n: 3 if n in ("e_measure", "s_measure") else 2
+        rows.append(f"| {name} | " + " | ".join(
+            f"{agg['metrics'][n]['mean']:.{digits(n)}f} ± {agg['metrics'][n]['std']:.{digits(n)}f}"
+            for n in names) + " |")
+    return "\n".join(rows)
+
+
+def rounds_table(methods: dict) -> str:
+    """Long-term protocol: per-round average Dice and Degradation = overall mean − round-1 mean."""
+    n = max(len(agg["round_means"]) for agg in methods.values())
+    rows = ["| method | " + " | ".join(f"round {k + 1}" for k in range(n)) + " | Degradation |",
+            "|" + "---|" * (n + 2)]
+    for name, agg in methods.items():
+        cells = [fmt(r["mean"], r["std"]) for r in agg["round_means"]]
+        rows.append(f"| {name} | " + " | ".join(cells) + f" | {fmt(agg['degradation']['mean'], agg['degradation']['std'])} |")
+    return "\n".join(rows)
 
 
 def markdown_table(methods: dict, targets: list[str], key: str = "mean") -> str:

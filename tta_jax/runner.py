@@ -14,8 +14,12 @@ Loop forms (``loop``):
 
 Protocols (reset policies; always adapt-then-predict):
 
-* ``per_target`` — reset model and optimiser at the start of each target domain;
-* ``continual`` — one state carried through all targets in order, never reset;
+* ``per_target`` — reset model and optimiser at the start of each target domain (GraTa);
+* ``continual`` — one state carried through all targets in order, never reset (VPTTA/SPEGC);
+* ``long_term`` — continual over ``rounds`` repetitions of the target sequence
+  (SPEGC Table 3); results are kept per round;
+* ``mixed`` — all target images shuffled into one stream with ``mixed_seed``
+  (default 2026; SPEGC Tables A.1/A.2), never reset; results regrouped per domain;
 * ``episodic`` — reset before every image.
 
 The mask of an image is used only to score the prediction the step returned,
@@ -34,18 +38,21 @@ from absl import logging
 from tta_jax.metrics import dice_per_channel
 from tta_jax.methods.base import Method
 
-PROTOCOLS = ("per_target", "continual", "episodic")
+PROTOCOLS = ("per_target", "continual", "long_term", "mixed", "episodic")
 LOOPS = ("python", "scan")
 
 
 class StreamResult(NamedTuple):
-    """Per-image outputs of one target stream."""
+    """Per-image outputs of one target domain (in one round), in stream order."""
 
     domain: str
     ids: tuple[str, ...]
     dice: np.ndarray             # [N, C]
     info: dict[str, np.ndarray]  # each [N]
     seconds: float
+    round: int = 0
+    predictions: dict | None = None   # {"pred": bool [N,H,W,C], "prob_u8": uint8 [N,H,W,C]} if kept
+    positions: np.ndarray | None = None   # index of each image in the whole stream (mixed)
 
 
 class Progress:
@@ -77,10 +84,12 @@ class StreamRunner:
     stays 1 across streams and targets of one shape.
     """
 
-    def __init__(self, method: Method, loop: str = "python", scan_chunk: int = 16, analysis: bool = False):
+    def __init__(self, method: Method, loop: str = "python", scan_chunk: int = 16, analysis: bool = False,
+                 keep_predictions: bool = False):
         if loop not in LOOPS:
             raise ValueError(f"unknown loop {loop!r}; choose one of {list(LOOPS)}")
         self.method, self.loop, self.scan_chunk = method, loop, int(scan_chunk)
+        self.keep_predictions = keep_predictions
         self.trace_count = 0
         run_analysis = analysis and method.analysis is not None
 
@@ -88,7 +97,12 @@ class StreamRunner:
             self.trace_count += 1
             extra = method.analysis(state, image[None], mask[None], key) if run_analysis else {}
             state, logits, info = method.step(state, image[None], key)
-            return state, dice_per_channel(logits, mask[None])[0], {**info, **extra}
+            info = {**info, **extra}
+            if keep_predictions:
+                # 8-bit probabilities suffice for the 256-threshold E-measure and cost 1 byte/pixel
+                info["_pred"] = logits[0] > 0
+                info["_prob_u8"] = jnp.round(jax.nn.sigmoid(logits[0]) * 255).astype(jnp.uint8)
+            return state, dice_per_channel(logits, mask[None])[0], info
 
         self._scored_step = scored_step
         self._jit_step = jax.jit(scored_step)
@@ -145,36 +159,78 @@ class StreamRunner:
         return state, dice, info
 
 
+def _split_predictions(info):
+    preds = {k[1:]: info.pop(k) for k in list(info) if k.startswith("_")}
+    return info, (preds or None)
+
+
+def _concat_domains(targets, order):
+    """One stream of all target images in ``order`` (indices into their concatenation)."""
+    images = np.concatenate([t.images for t in targets])[order]
+    masks = np.concatenate([t.masks for t in targets])[order]
+    domain_of = np.concatenate([np.full(t.size, i) for i, t in enumerate(targets)])[order]
+    ids = np.concatenate([np.asarray(t.ids, dtype=object) for t in targets])[order]
+    return images, masks, domain_of, ids
+
+
 def run_protocol(method: Method, variables, targets: Sequence, protocol: str, rng: jax.Array,
                  loop: str = "python", scan_chunk: int = 16, label: str = "",
-                 runner: StreamRunner | None = None) -> tuple[list[StreamResult], StreamRunner]:
+                 runner: StreamRunner | None = None, rounds: int = 5,
+                 mixed_seed: int = 2026) -> tuple[list[StreamResult], StreamRunner]:
     """Run ``method`` over the target domains under ``protocol``.
 
     Args:
       targets: :class:`tta_jax.data.DomainData` per target domain, in order.
-      rng: the seed's key; stream ``t`` uses ``fold_in(rng, t)`` for
-        ``per_target``/``episodic`` and one key for ``continual``.
+      rng: the seed's key.  Image ``i`` of a stream uses ``fold_in(key, i)``;
+        ``per_target``/``episodic`` streams use ``key = fold_in(stream_key, t)``,
+        the never-reset protocols one key and the global image index.
+      rounds: repetitions of the targets for ``long_term``.
+      mixed_seed: permutation seed of ``mixed`` (recorded by the caller).
     Returns:
-      one :class:`StreamResult` per target, and the runner (for its trace count).
+      :class:`StreamResult` per target (per round for ``long_term``), and the runner.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {list(PROTOCOLS)}")
+    if protocol == "long_term" and rounds < 1:
+        raise ValueError(f"long_term needs rounds >= 1, got {rounds}")
     runner = runner or StreamRunner(method, loop, scan_chunk)
     init_key, stream_key = jax.random.split(rng)
-    progress = Progress(sum(t.size for t in targets), label or method.name)
+    n_rounds = rounds if protocol == "long_term" else 1
+    progress = Progress(n_rounds * sum(t.size for t in targets), label or method.name)
     results = []
-    state = method.init(variables, init_key) if protocol == "continual" else None
-    offset = 0
-    for t, target in enumerate(targets):
+
+    if protocol == "mixed":
+        order = np.random.default_rng(mixed_seed).permutation(sum(t.size for t in targets))
+        images, masks, domain_of, ids = _concat_domains(targets, order)
         start = time.perf_counter()
-        if protocol == "continual":
-            key, first = stream_key, offset
-        else:
-            state = method.init(variables, init_key)
-            key, first = jax.random.fold_in(stream_key, t), 0
-        state, dice, info = runner.run_stream(state, target.images, target.masks, key,
-                                              episodic=protocol == "episodic", first_index=first,
-                                              progress=progress)
-        offset += target.size
-        results.append(StreamResult(target.name, tuple(target.ids), dice, info, time.perf_counter() - start))
+        _, dice, info = runner.run_stream(method.init(variables, init_key), images, masks, stream_key,
+                                          progress=progress)
+        info, preds = _split_predictions(info)
+        seconds = time.perf_counter() - start
+        for d, target in enumerate(targets):
+            pos = np.nonzero(domain_of == d)[0]
+            results.append(StreamResult(
+                target.name, tuple(ids[pos]), dice[pos], {k: v[pos] for k, v in info.items()},
+                seconds * len(pos) / len(order), 0,
+                {k: v[pos] for k, v in preds.items()} if preds else None, pos))
+        return results, runner
+
+    state = method.init(variables, init_key)
+    offset = 0
+    for r in range(n_rounds):
+        for t, target in enumerate(targets):
+            start = time.perf_counter()
+            if protocol in ("continual", "long_term"):
+                key, first = stream_key, offset
+            else:
+                state = method.init(variables, init_key)
+                key, first = jax.random.fold_in(stream_key, t), 0
+            state, dice, info = runner.run_stream(state, target.images, target.masks, key,
+                                                  episodic=protocol == "episodic", first_index=first,
+                                                  progress=progress)
+            info, preds = _split_predictions(info)
+            results.append(StreamResult(target.name, tuple(target.ids), dice, info,
+                                        time.perf_counter() - start, r, preds,
+                                        np.arange(offset, offset + target.size)))
+            offset += target.size
     return results, runner
