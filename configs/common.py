@@ -18,7 +18,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.mode = "adapt"                  # adapt | source
     c.methods = "no_adapt,bn,tent"    # comma-separated; compared in one table
     c.dataset = "synthetic_fundus"    # synthetic_fundus | folders
-    c.data_dir = ""                   # root of a 'folders' dataset
+    c.data_dir = ""                   # root of a 'folders' dataset, or the raw files of a TFDS dataset
+    c.tfds_dir = "~/.cache/tta_jax/tfds"   # where TFDS builders write their array_record files
+    c.normalisation = "minmax"        # TFDS datasets: minmax (fundus papers) | imagenet (polyp papers)
     c.source_domain = "A"
     c.target_domains = ""             # comma-separated; empty = every other domain
     c.image_size = 64
