@@ -21,7 +21,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data_dir = ""                   # root of a 'folders' dataset, or the raw files of a TFDS dataset
     c.tfds_dir = "~/.cache/tta_jax/tfds"   # where TFDS builders write their array_record files
     c.normalisation = "minmax"        # TFDS datasets: minmax (fundus papers) | imagenet (polyp papers)
-    c.source_domain = "A"
+    c.source_domain = "A"             # "all": leave-one-domain grid (every domain as source)
     c.target_domains = ""             # comma-separated; empty = every other domain
     c.image_size = 64
     c.protocol = "per_target"         # per_target | continual | long_term | mixed | episodic
@@ -36,6 +36,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.cache_dir = "~/.cache/tta_jax"  # cached source models and XLA compilation cache
     c.compilation_cache = True
     c.log_every_s = 10.0
+    c.plots = True                    # PNG figures next to results.md
     c.analysis = False                # label-based diagnostics (e.g. GraTa Fig. 4); never used to adapt
 
     # aux_heads: comma-separated GraTa Table 5 branches (reconstruction, rotation,

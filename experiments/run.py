@@ -120,6 +120,8 @@ def make_dataset(config):
 def resolve_domains(config, dataset) -> tuple[str, list[str]]:
     source = config.source_domain
     if source not in dataset.domains:
+        if source == "all":
+            raise ValueError("source_domain=all (leave-one-domain grid) is handled by run()")
         raise ValueError(f"unknown source_domain {source!r}; domains of {config.dataset}: {list(dataset.domains)}")
     targets = _split_list(config.target_domains) or [d for d in dataset.domains if d != source]
     for t in targets:
@@ -259,9 +261,16 @@ class _Named:
 
 
 def run(config, workdir: str) -> dict:
-    """Run the experiment described by ``config``; results go to ``workdir``."""
+    """Run the experiment described by ``config``; results go to ``workdir``.
+
+    ``source_domain=all`` runs the leave-one-domain grid: every domain as the
+    source with the others as targets (each in ``workdir/<source>/``), then
+    merges them into ``workdir/merged.{md,csv,json}``.
+    """
     validate_config(config)
     setup_compilation_cache(config)
+    if config.source_domain == "all":
+        return run_grid(config, workdir)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -325,6 +334,23 @@ def run(config, workdir: str) -> dict:
     return results
 
 
+def run_grid(config, workdir) -> dict:
+    """Leave-one-domain grid: one run per source domain, then one merged table."""
+    from experiments.report import merge
+    dataset = make_dataset(config)
+    runs = {}
+    for source in dataset.domains:
+        sub = config.copy_and_resolve_references()
+        with sub.unlocked():
+            sub.source_domain = source
+            sub.target_domains = ",".join(d for d in dataset.domains if d != source)
+        logging.info("grid: source %s → %s", source, sub.target_domains)
+        runs[source] = run(sub, str(Path(workdir) / source))
+    table = merge([Path(workdir) / s for s in runs], workdir)
+    print(table, flush=True)
+    return {"grid": runs, "merged_table": table}
+
+
 def _adapt_table(results) -> str:
     targets, methods = results["target_domains"], results["methods"]
     own = results["source"]["own_domain_heldout"]
@@ -359,5 +385,10 @@ def _source_table(results) -> str:
 def _write_results(workdir: Path, results: dict, table: str) -> None:
     checkpoints.atomic_write_text(workdir / "results.json", json.dumps(results, indent=1, default=float))
     checkpoints.atomic_write_text(workdir / "results.md", table + "\n")
+    if results["methods"]:
+        checkpoints.atomic_write_text(workdir / "results.csv", report.merged_csv(report.merged_rows([results])))
+        if results["config"].get("plots", False):
+            from experiments import plots
+            results["figures"] = plots.write_all(results, workdir)
     print(table, flush=True)
     logging.info("results written to %s", workdir)

@@ -139,3 +139,32 @@ def test_polyp_real_data_pipeline(tmp_path):
     c.cache_dir = str(tmp_path / "cache")
     res = run(c, str(tmp_path / "w"))
     assert res["target_domains"] == ["CVC-ClinicDB"] and len(res["stream_ids"]["CVC-ClinicDB"]) == 609
+
+
+def test_leave_one_domain_grid_and_merge(shared_cache, tmp_path, monkeypatch):
+    """source_domain=all on a 2-domain folders dataset: one run per source and a merged table."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    root = tmp_path / "two_centres"
+    for dom, shift in (("c1", 0), ("c2", 60)):
+        for i in range(10):
+            img = np.clip(rng.normal(100 + shift, 20, (64, 64, 3)), 0, 255).astype(np.uint8)
+            mask = np.zeros((64, 64), np.uint8)
+            r, c = rng.integers(10, 40, 2)
+            mask[r:r + 16, c:c + 16] = 255
+            img[mask > 0] = 220 - shift
+            (root / dom / "images").mkdir(parents=True, exist_ok=True)
+            (root / dom / "masks").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(root / dom / "images" / f"{i}.png")
+            Image.fromarray(mask).save(root / dom / "masks" / f"{i}.png")
+    c = tiny_config(shared_cache, methods="no_adapt,bn")
+    c.dataset, c.data_dir, c.source_domain, c.target_domains = "folders", str(root), "all", ""
+    c.source.steps, c.seeds, c.metrics = 60, 2, "full"
+    out = run(c, str(tmp_path / "grid"))
+    assert set(out["grid"]) == {"c1", "c2"}
+    merged = (tmp_path / "grid" / "merged.md").read_text()
+    assert "| c1 | c2 | bn |" in merged and "| c2 | c1 | no_adapt |" in merged and "HD95" in merged
+    csv_lines = (tmp_path / "grid" / "merged.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("source,target,method,dice_mean,dice_std,iou_mean")
+    assert len(csv_lines) == 1 + 2 * 2 * 2     # 2 sources × 2 methods × (1 target + average)
+    assert (tmp_path / "grid" / "c1" / "dice_per_domain.png").stat().st_size > 1000

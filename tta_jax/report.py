@@ -86,3 +86,64 @@ def markdown_table(methods: dict, targets: list[str], key: str = "mean") -> str:
         avg = fmt(agg["average_per_channel"][key]["mean"], agg["average_per_channel"][key]["std"])
         rows.append(f"| {name} | " + " | ".join(cells) + f" | {avg} |")
     return "\n".join(rows)
+
+
+# --- Merged reports over several runs (methods × sources) --------------------------
+
+MERGED_COLUMNS = ("source", "target", "method", "dice", "iou", "assd", "hd95", "e_measure", "s_measure")
+
+
+def merged_rows(results_list: list[dict]) -> list[dict]:
+    """One row per (source, target, method) with each metric's mean and std over seeds.
+
+    Dice always comes from the on-device per-channel Dice; the other metrics
+    exist when the run used ``metrics=full``.  A final row per (source,
+    method) averages its targets (target ``average``).
+    """
+    rows = []
+    for res in results_list:
+        for method, agg in res["methods"].items():
+            for target in res["target_domains"] + ["average"]:
+                row = {"source": res["source_domain"], "target": target, "method": method}
+                if target == "average":
+                    row["dice"] = (agg["average"]["mean"], agg["average"]["std"])
+                else:
+                    d = agg["per_domain"][target]["mean"]
+                    row["dice"] = (d["mean"], d["std"])
+                for metric, m in agg.get("metrics", {}).items():
+                    if metric == "dice":
+                        continue
+                    if target == "average":
+                        row[metric] = (m["mean"], m["std"])
+                    else:
+                        row[metric] = (m["per_domain"][target]["mean"], m["per_domain"][target]["std"])
+                rows.append(row)
+    return rows
+
+
+def merged_markdown(rows: list[dict]) -> str:
+    metrics = [c for c in MERGED_COLUMNS[3:] if any(c in r for r in rows)]
+    out = ["| source | target | method | " + " | ".join(METRIC_LABELS[m] for m in metrics) + " |",
+           "|" + "---|" * (3 + len(metrics))]
+    for r in rows:
+        cells = []
+        for m in metrics:
+            if m in r:
+                digits = 3 if m in ("e_measure", "s_measure") else 2
+                cells.append(f"{r[m][0]:.{digits}f} ± {r[m][1]:.{digits}f}")
+            else:
+                cells.append("–")
+        out.append(f"| {r['source']} | {r['target']} | {r['method']} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def merged_csv(rows: list[dict]) -> str:
+    metrics = [c for c in MERGED_COLUMNS[3:] if any(c in r for r in rows)]
+    header = ["source", "target", "method"] + [f"{m}_{s}" for m in metrics for s in ("mean", "std")]
+    lines = [",".join(header)]
+    for r in rows:
+        vals = [r["source"], r["target"], r["method"]]
+        for m in metrics:
+            vals += [f"{r[m][0]:.6g}", f"{r[m][1]:.6g}"] if m in r else ["", ""]
+        lines.append(",".join(vals))
+    return "\n".join(lines) + "\n"
