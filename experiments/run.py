@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -32,7 +33,7 @@ from tta_jax.data import DATASETS, get_dataset
 from tta_jax.methods import available_methods, make_method
 from tta_jax.metrics import FULL_METRICS, domain_summary, full_metrics
 from tta_jax.models import ResUNet, init_variables
-from tta_jax.runner import LOOPS, PROTOCOLS, StreamRunner, run_protocol
+from tta_jax.runner import LOOPS, PROTOCOLS, StreamRunner, run_protocol, split_seeds
 from tta_jax.training import evaluate_source_stats, train_source
 
 MODES = ("adapt", "source")
@@ -190,30 +191,25 @@ def _seed_run_path(workdir: Path, method: str, seed: int) -> Path:
     return workdir / "runs" / method / f"seed_{seed}.json"
 
 
-def run_method_seed(config, row_name, hparams, runner, variables, targets, seed, fingerprint, workdir):
-    """One (method, seed) run over all targets; reuses a finished identical run.
+def load_finished_run(workdir: Path, row_name: str, seed: int, fingerprint: str) -> dict | None:
+    """A finished (method, seed) result with the same fingerprint, else None."""
+    path = _seed_run_path(workdir, row_name, seed)
+    if not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        logging.warning("ignoring corrupt partial result %s", path)
+        return None
+    return saved if saved.get("fingerprint") == fingerprint else None
 
-    ``runner`` is shared by the seeds of a method, so its step compiles once.
-    """
-    method_name = row_name
-    path = _seed_run_path(workdir, method_name, seed)
-    if path.exists():
-        try:
-            saved = json.loads(path.read_text())
-            if saved.get("fingerprint") == fingerprint:
-                logging.info("%s seed %d: reusing finished run %s", method_name, seed, path)
-                return saved
-        except json.JSONDecodeError:
-            logging.warning("ignoring corrupt partial result %s", path)
-    start = time.perf_counter()
-    results, runner = run_protocol(runner.method, variables, targets, config.protocol, jax.random.PRNGKey(seed),
-                                   label=f"{method_name} seed {seed}", runner=runner, rounds=config.rounds,
-                                   mixed_seed=config.mixed_seed)
-    seconds = time.perf_counter() - start
+
+def summarise_seed_run(config, row_name, hparams, runner, results, targets, seed, fingerprint, seconds, workdir):
+    """Per-domain summaries (and per-image records) of one seed's results; written atomically."""
     channel_names = targets[0].channel_names
     masks_by_id = {t.name: {i: m for i, m in zip(t.ids, t.masks)} for t in targets}
     out = {
-        "method": method_name, "registered_method": runner.method.name, "seed": seed,
+        "method": row_name, "registered_method": runner.method.name, "seed": seed,
         "fingerprint": fingerprint, "hparams": hparams, "protocol": config.protocol,
         "seconds": seconds, "trace_count": runner.trace_count,
         "domains": {}, "per_image": [],
@@ -221,13 +217,13 @@ def run_method_seed(config, row_name, hparams, runner, variables, targets, seed,
     by_domain: dict[str, list] = {}
     for r in results:
         by_domain.setdefault(r.domain, []).append(r)
-        entry = {"domain": r.domain, "round": r.round, "ids": list(r.ids), "dice": r.dice.tolist(),
-                 "info": {k: v.tolist() for k, v in r.info.items()}, "seconds": r.seconds}
+        entry = {"domain": r.domain, "round": r.round, "ids": list(r.ids), "dice": np.asarray(r.dice).tolist(),
+                 "info": {k: np.asarray(v).tolist() for k, v in r.info.items()}, "seconds": r.seconds}
         if r.positions is not None:
-            entry["positions"] = r.positions.tolist()
+            entry["positions"] = np.asarray(r.positions).tolist()
         if r.predictions is not None:
             entry["metrics"] = [
-                {ch: full_metrics(prob[..., c] / 255.0, masks_by_id[r.domain][i][..., c])
+                {ch: full_metrics(np.asarray(prob[..., c]) / 255.0, masks_by_id[r.domain][i][..., c])
                  for c, ch in enumerate(channel_names)}
                 for i, prob in zip(r.ids, r.predictions["prob_u8"])]
         out["per_image"].append(entry)
@@ -245,8 +241,41 @@ def run_method_seed(config, row_name, hparams, runner, variables, targets, seed,
         out["round_means"] = [float(np.mean([domain_summary(r.dice, channel_names)["mean"]
                                              for r in results if r.round == k])) for k in rounds]
         out["degradation"] = float(np.mean(out["round_means"]) - out["round_means"][0])
-    checkpoints.atomic_write_text(path, json.dumps(out))
+    checkpoints.atomic_write_text(_seed_run_path(workdir, row_name, seed), json.dumps(out))
     return out
+
+
+def run_method_seeds(config, row_name, hparams, method, variables, targets, seeds, fingerprints, workdir):
+    """All seeds of one method: reuse finished runs; run the rest vmapped in one stream (or one by one)."""
+    done = {s: load_finished_run(workdir, row_name, s, fingerprints[s]) for s in seeds}
+    todo = [s for s in seeds if done[s] is None]
+    for s in seeds:
+        if done[s] is not None:
+            logging.info("%s seed %d: reusing finished run", row_name, s)
+    trace_count = 0
+    if todo:
+        batched = config.vmap_seeds and len(todo) > 1
+        runner = StreamRunner(method, config.loop, config.scan_chunk, analysis=config.analysis,
+                              keep_predictions=config.metrics == "full", batched=batched)
+        common = dict(runner=runner, rounds=config.rounds, mixed_seed=config.mixed_seed)
+        if batched:
+            start = time.perf_counter()
+            keys = jnp.stack([jax.random.PRNGKey(s) for s in todo])
+            results, _ = run_protocol(method, variables, targets, config.protocol, keys,
+                                      label=f"{row_name} seeds {todo}", **common)
+            seconds = (time.perf_counter() - start) / len(todo)
+            for s, res in zip(todo, split_seeds(results, len(todo))):
+                done[s] = summarise_seed_run(config, row_name, hparams, runner, res, targets, s,
+                                             fingerprints[s], seconds, workdir)
+        else:
+            for s in todo:
+                start = time.perf_counter()
+                results, _ = run_protocol(method, variables, targets, config.protocol, jax.random.PRNGKey(s),
+                                          label=f"{row_name} seed {s}", **common)
+                done[s] = summarise_seed_run(config, row_name, hparams, runner, results, targets, s,
+                                             fingerprints[s], time.perf_counter() - start, workdir)
+        trace_count = runner.trace_count
+    return [done[s] for s in seeds], trace_count
 
 
 class _Named:
@@ -315,16 +344,13 @@ def run(config, workdir: str) -> dict:
                "mixed_seed": config.mixed_seed if config.protocol == "mixed" else None}
     for method_name in _split_list(config.methods):
         base, hparams = resolve_method(config, method_name)
-        runner = StreamRunner(make_method(base, model, hparams), config.loop, config.scan_chunk,
-                              analysis=config.analysis, keep_predictions=config.metrics == "full")
-        runs = []
         m_start = time.perf_counter()
-        for seed in results["seeds"]:
-            fp = _hash({**base_fp, "method": base, "hparams": hparams, "seed": seed})
-            runs.append(run_method_seed(config, method_name, hparams, runner, variables, target_data, seed, fp,
-                                        workdir))
+        fingerprints = {seed: _hash({**base_fp, "method": base, "hparams": hparams, "seed": seed})
+                        for seed in results["seeds"]}
+        runs, trace_count = run_method_seeds(config, method_name, hparams, make_method(base, model, hparams),
+                                             variables, target_data, results["seeds"], fingerprints, workdir)
         agg = report.aggregate_method(runs, targets, channel_names)
-        agg["trace_count"] = [r["trace_count"] for r in runs]
+        agg["trace_count"] = trace_count   # compilations of this call (0 when every seed was reused)
         agg["seconds_per_seed"] = [r["seconds"] for r in runs]
         results["methods"][method_name] = agg
         results["timings"][method_name] = time.perf_counter() - m_start

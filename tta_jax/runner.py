@@ -82,14 +82,19 @@ class StreamRunner:
 
     ``trace_count`` counts how often the step was traced (= compiled); it
     stays 1 across streams and targets of one shape.
+
+    ``batched=True`` runs S independent streams (seeds) at once: states and
+    RNG keys carry a leading seed axis, images are shared, and the step is
+    ``jax.vmap``-ed over the seeds inside one jitted function.  Outputs then
+    have a seed axis after the image axis (dice ``[N, S, C]``).
     """
 
     def __init__(self, method: Method, loop: str = "python", scan_chunk: int = 16, analysis: bool = False,
-                 keep_predictions: bool = False):
+                 keep_predictions: bool = False, batched: bool = False):
         if loop not in LOOPS:
             raise ValueError(f"unknown loop {loop!r}; choose one of {list(LOOPS)}")
         self.method, self.loop, self.scan_chunk = method, loop, int(scan_chunk)
-        self.keep_predictions = keep_predictions
+        self.keep_predictions, self.batched = keep_predictions, batched
         self.trace_count = 0
         run_analysis = analysis and method.analysis is not None
 
@@ -104,6 +109,8 @@ class StreamRunner:
                 info["_prob_u8"] = jnp.round(jax.nn.sigmoid(logits[0]) * 255).astype(jnp.uint8)
             return state, dice_per_channel(logits, mask[None])[0], info
 
+        if batched:
+            scored_step = jax.vmap(scored_step, in_axes=(0, None, None, 0))
         self._scored_step = scored_step
         self._jit_step = jax.jit(scored_step)
         self._jit_chunk = jax.jit(self._chunk, static_argnames=("episodic",))
@@ -114,6 +121,7 @@ class StreamRunner:
             start = init_state if episodic else st
             new, dice, info = self._scored_step(start, image, mask, key)
             new = jax.lax.cond(ok, lambda: new, lambda: st)  # padded steps keep the state
+
             return new, (dice, info)
 
         return jax.lax.scan(body, state, (images, masks, keys, valid))
@@ -126,7 +134,8 @@ class StreamRunner:
         in both loop forms.
         """
         n = len(images)
-        keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(first_index, first_index + n))
+        fold = jax.vmap(jax.random.fold_in, in_axes=(0, None)) if self.batched else jax.random.fold_in
+        keys = jax.vmap(lambda i: fold(rng, i))(jnp.arange(first_index, first_index + n))
         init_state = state
         if self.loop == "python":
             dices, infos = [], []
@@ -157,6 +166,13 @@ class StreamRunner:
         dice = np.concatenate(dices) if dices else np.zeros((0, masks.shape[-1]))
         info = {k: np.concatenate([d[k] for d in infos]) for k in (infos[0] if infos else {})}
         return state, dice, info
+
+
+def split_seeds(results: list[StreamResult], n_seeds: int) -> list[list[StreamResult]]:
+    """Per-seed result lists from the results of a batched run (seed axis 1 of every array)."""
+    return [[r._replace(dice=r.dice[:, s], info={k: v[:, s] for k, v in r.info.items()},
+                        predictions=({k: v[:, s] for k, v in r.predictions.items()} if r.predictions else None))
+             for r in results] for s in range(n_seeds)]
 
 
 def _split_predictions(info):
@@ -194,7 +210,15 @@ def run_protocol(method: Method, variables, targets: Sequence, protocol: str, rn
     if protocol == "long_term" and rounds < 1:
         raise ValueError(f"long_term needs rounds >= 1, got {rounds}")
     runner = runner or StreamRunner(method, loop, scan_chunk)
-    init_key, stream_key = jax.random.split(rng)
+    if runner.batched:
+        # rng: [S, 2] keys; every key operation maps over the seed axis
+        init_key, stream_key = jnp.moveaxis(jax.vmap(jax.random.split)(rng), 1, 0)
+        init = lambda: jax.vmap(method.init, in_axes=(None, 0))(variables, init_key)
+        fold = lambda key, t: jax.vmap(jax.random.fold_in, in_axes=(0, None))(key, t)
+    else:
+        init_key, stream_key = jax.random.split(rng)
+        init = lambda: method.init(variables, init_key)
+        fold = jax.random.fold_in
     n_rounds = rounds if protocol == "long_term" else 1
     progress = Progress(n_rounds * sum(t.size for t in targets), label or method.name)
     results = []
@@ -203,8 +227,7 @@ def run_protocol(method: Method, variables, targets: Sequence, protocol: str, rn
         order = np.random.default_rng(mixed_seed).permutation(sum(t.size for t in targets))
         images, masks, domain_of, ids = _concat_domains(targets, order)
         start = time.perf_counter()
-        _, dice, info = runner.run_stream(method.init(variables, init_key), images, masks, stream_key,
-                                          progress=progress)
+        _, dice, info = runner.run_stream(init(), images, masks, stream_key, progress=progress)
         info, preds = _split_predictions(info)
         seconds = time.perf_counter() - start
         for d, target in enumerate(targets):
@@ -215,7 +238,7 @@ def run_protocol(method: Method, variables, targets: Sequence, protocol: str, rn
                 {k: v[pos] for k, v in preds.items()} if preds else None, pos))
         return results, runner
 
-    state = method.init(variables, init_key)
+    state = init()
     offset = 0
     for r in range(n_rounds):
         for t, target in enumerate(targets):
@@ -223,8 +246,8 @@ def run_protocol(method: Method, variables, targets: Sequence, protocol: str, rn
             if protocol in ("continual", "long_term"):
                 key, first = stream_key, offset
             else:
-                state = method.init(variables, init_key)
-                key, first = jax.random.fold_in(stream_key, t), 0
+                state = init()
+                key, first = fold(stream_key, t), 0
             state, dice, info = runner.run_stream(state, target.images, target.masks, key,
                                                   episodic=protocol == "episodic", first_index=first,
                                                   progress=progress)
