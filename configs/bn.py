@@ -12,6 +12,4 @@ from configs import common
 
 
 def get_config(arg=None):
-    c = common.get_base_config()
-    c.methods = "bn"
-    return common.apply_variant(c, arg)
+    return common.method_config("bn", arg)

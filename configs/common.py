@@ -58,6 +58,13 @@ def get_base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def method_config(methods: str, arg: str | None) -> ml_collections.ConfigDict:
+    """The base config comparing ``methods`` (comma-separated), with variants applied."""
+    c = get_base_config()
+    c.methods = methods
+    return apply_variant(c, arg)
+
+
 def apply_variant(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
     """Apply comma-separated variants: ``polyp`` (real two-centre data), ``paper`` (full size), ``quick``."""
     for variant in filter(None, (arg or "").split(",")):

@@ -12,6 +12,4 @@ from configs import common
 
 
 def get_config(arg=None):
-    c = common.get_base_config()
-    c.methods = "no_adapt,bn,tent"
-    return common.apply_variant(c, arg)
+    return common.method_config("no_adapt,bn,tent", arg)

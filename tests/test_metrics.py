@@ -108,3 +108,15 @@ def test_full_metrics_consistent_with_dice():
     assert m["dice"] == pytest.approx(float(dice_per_channel(logits, gt[None, ..., None])[0, 0]), rel=1e-6)
     assert set(m) == {"dice", "iou", "assd", "hd95", "e_measure", "s_measure"}
     assert m["hd95"] == pytest.approx(2.0)
+
+
+def test_e_measure_counting_form_equals_dense():
+    from tta_jax.metrics import e_measure_max_dense
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        gt = rng.random((24, 24)) > 0.7
+        prob = np.clip(gt * 0.6 + rng.random((24, 24)) * 0.5, 0, 1)
+        assert e_measure_max(prob, gt) == pytest.approx(e_measure_max_dense(prob, gt), rel=1e-12)
+    for gt in (np.zeros((8, 8), bool), np.ones((8, 8), bool)):
+        prob = rng.random((8, 8))
+        assert e_measure_max(prob, gt) == pytest.approx(e_measure_max_dense(prob, gt), rel=1e-12)

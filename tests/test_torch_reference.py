@@ -90,31 +90,43 @@ def test_converter_errors_and_pth_loading(pair, tmp_path):
         load_torch_state_dict(tmp_path / "bad.pth")
 
 
-def test_grata_step_equivalence(pair, stream):
-    """First 3 images of a stream, strong view off: same cos/η, BN parameters and logits."""
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_grata_step_equivalence(pair, stream, dtype):
+    """First 3 images of a stream, strong view off: same cos/η, BN parameters and logits.
+
+    float64 checks the acceptance tolerances (|Δcos|, |Δη|/β < 1e-5; relative
+    differences < 1e-4).  In float32 the unit look-ahead step at a random
+    initialisation is ill-conditioned: reduction-order noise moves cos by up to
+    ~2e-3 between frameworks (measured), so float32 gets looser bounds on cos
+    while parameters and logits must still agree to 1e-4.
+    """
     tm0, fm, variables, _ = pair
     tm = ref.TorchResUNet("resnet18", 2, 0.125)
     tm.load_state_dict(tm0.state_dict())
-    opt = ref.make_adam(tm, 1e-4)
-    method = make_method("grata", fm, {"strong": STRONG_OFF})
-    state = method.init(variables, None)
-    step = jax.jit(method.step)
-    for i in range(3):
-        x = stream[i:i + 1]
-        logits_t, info_t = ref.grata_step(tm, opt, _nchw(x), beta=1e-4, strong_off=True)
-        state, logits_j, info_j = step(state, x, jax.random.PRNGKey(i))
-        assert abs(float(info_j["cos"]) - info_t["cos"]) < 1e-5, i
-        assert abs(float(info_j["eta"]) - info_t["eta"]) < 1e-5 * 1e-4, i
-        assert rel_err(logits_j, _nhwc(logits_t)) < 1e-4, i
-        # BN affine parameters, compared through the module names
-        for name, module in tm.named_modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                path = _flax_module_path(name)
-                node = state.bn_params
-                for p in path:
-                    node = node[p]
-                assert rel_err(node["scale"], module.weight.detach().numpy()) < 1e-4, name
-                assert rel_err(node["bias"], module.bias.detach().numpy()) < 1e-4, name
+    cos_tol = 1e-5 if dtype == "float64" else 5e-3
+    with jax.enable_x64(dtype == "float64"):
+        if dtype == "float64":
+            tm = tm.double()
+            variables = jax.tree.map(lambda a: np.asarray(a, np.float64), variables)
+        opt = ref.make_adam(tm, 1e-4)
+        method = make_method("grata", fm, {"strong": STRONG_OFF})
+        state = method.init(variables, None)
+        step = jax.jit(method.step)
+        for i in range(3):
+            x = stream[i:i + 1].astype(dtype)
+            logits_t, info_t = ref.grata_step(tm, opt, _nchw(x), beta=1e-4, strong_off=True)
+            state, logits_j, info_j = step(state, x, jax.random.PRNGKey(i))
+            assert abs(float(info_j["cos"]) - info_t["cos"]) < cos_tol, i
+            assert abs(float(info_j["eta"]) - info_t["eta"]) < cos_tol * 1e-4, i
+            assert rel_err(logits_j, _nhwc(logits_t)) < 1e-4, i
+            # BN affine parameters, compared through the module names
+            for name, module in tm.named_modules():
+                if isinstance(module, torch.nn.BatchNorm2d):
+                    node = state.bn_params
+                    for p in _flax_module_path(name):
+                        node = node[p]
+                    assert rel_err(node["scale"], module.weight.detach().numpy()) < 1e-4, name
+                    assert rel_err(node["bias"], module.bias.detach().numpy()) < 1e-4, name
 
 
 def _flax_module_path(torch_name):

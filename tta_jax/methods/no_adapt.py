@@ -12,9 +12,8 @@ class FrozenState(NamedTuple):
     batch_stats: Any
 
 
-@register("no_adapt")
-def make(model, hparams) -> Method:
-    del hparams
+def make_frozen_method(name: str, model, forward) -> Method:
+    """A method that trains nothing and predicts with ``forward(model, params, batch_stats, images)``."""
 
     def init(variables, rng):
         del rng
@@ -23,6 +22,12 @@ def make(model, hparams) -> Method:
     def step(state, images, rng):
         del rng
         check_step_input(images)
-        return state, forward_source_stats(model, state.params, state.batch_stats, images), {}
+        return state, forward(model, state.params, state.batch_stats, images), {}
 
-    return Method("no_adapt", init, step)
+    return Method(name, init, step)
+
+
+@register("no_adapt")
+def make(model, hparams) -> Method:
+    del hparams
+    return make_frozen_method("no_adapt", model, forward_source_stats)
