@@ -7,6 +7,15 @@ import pytest
 from tta_jax.models import ResUNet, init_variables
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    """A session-local persistent compilation cache: tests that jit the same computation
+    (the same GraTa or TENT step through different wrappers) compile it once per run."""
+    import tempfile
+    cache = Path(tempfile.mkdtemp(prefix="tta_jax_test_xla_"))
+    jax.config.update("jax_compilation_cache_dir", str(cache))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 

@@ -152,6 +152,8 @@ def test_variants(tiny_model, tiny_variables, image):
     with pytest.raises(ValueError, match="unknown grata.lr_map"):
         make_method("grata", tiny_model, {"lr_map": "tanh"})
     with pytest.raises(ValueError, match="unknown grata.pseudo"):
+        make_method("grata", tiny_model, {"pseudo": "magic"})
+    with pytest.raises(ValueError, match="needs the model's 'rotation' branch"):
         make_method("grata", tiny_model, {"pseudo": "rotation"})
     with pytest.raises(ValueError, match="unknown strong-augmentation options"):
         make_method("grata", tiny_model, {"strong": {"p_solarize": 1.0}})
