@@ -6,6 +6,8 @@ unknown key is an error.
 """
 import ml_collections
 
+from tta_jax.methods.spegc import DEFAULTS as SPEGC_DEFAULTS
+
 # GraTa's strong view (batchgenerators semantics); any p_* = 0 switches an op off.
 STRONG_AUGMENT = dict(p_brightness=0.75, p_contrast=0.75, p_gamma=0.75, p_noise=0.5, p_blur=0.5,
                       p_blur_channel=0.5)
@@ -53,9 +55,33 @@ def get_base_config() -> ml_collections.ConfigDict:
         lr=1e-4, b1=0.9, b2=0.999, lr_schedule="dynamic", lr_map="quadratic", lookahead=True,
         pseudo="consistency", auxiliary="entropy", denoise_std=1.0,
         strong=ml_collections.ConfigDict(STRONG_AUGMENT)))
+    # SPEGC (paper §4.2 settings; lr 0.005 fundus, 0.01 polyp): see tta_jax/methods/spegc.py.
+    c.spegc = ml_collections.ConfigDict(dict(SPEGC_DEFAULTS))
     # Named rows of ablation tables: {row name: {"method": registered name, **overrides}}.
     c.variants = ml_collections.ConfigDict()
     return c
+
+
+def apply_tables(c: ml_collections.ConfigDict, arg: str | None, tables: dict) -> tuple[list[str], str]:
+    """Select the ablation tables named in ``arg`` (comma-separated) as the compared rows.
+
+    ``tables``: {table: {row: spec or None}}; a spec is a ``config.variants``
+    entry (``{"method": ..., **overrides}``), ``None`` a plain method. The rows
+    (``no_adapt`` first) replace ``c.methods``. Returns the selected tables and
+    the remaining, non-table variants of ``arg``.
+    """
+    parts = [a for a in (arg or "").split(",") if a]
+    selected = [a for a in parts if a in tables]
+    if selected:
+        rows = ["no_adapt"]
+        for table in selected:
+            for name, spec in tables[table].items():
+                if spec is not None:
+                    c.variants[name] = spec
+                if name not in rows:
+                    rows.append(name)
+        c.methods = ",".join(rows)
+    return selected, ",".join(a for a in parts if a not in tables)
 
 
 def method_config(methods: str, arg: str | None) -> ml_collections.ConfigDict:

@@ -62,19 +62,9 @@ TABLE_VARIANTS["table5"] = _table5()
 def get_config(arg=None):
     c = common.get_base_config()
     c.methods = "no_adapt,bn,tent,grata"
-    tables = [a for a in (arg or "").split(",") if a in TABLE_VARIANTS]
-    rest = ",".join(a for a in (arg or "").split(",") if a and a not in TABLE_VARIANTS)
+    tables, rest = common.apply_tables(c, arg, TABLE_VARIANTS)
     if "table5" in tables:
         c.model.aux_heads = "reconstruction,rotation,super_resolution,denoising"
-    if tables:
-        rows = ["no_adapt"]
-        for table in tables:
-            for name, spec in TABLE_VARIANTS[table].items():
-                if spec is not None:
-                    c.variants[name] = spec
-                if name not in rows:
-                    rows.append(name)
-        c.methods = ",".join(rows)
     c = common.apply_variant(c, rest)
     if "table5" in tables and c.image_size < 128:
         c.model.sr_factor = 2

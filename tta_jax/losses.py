@@ -51,3 +51,15 @@ def soft_dice_loss(logits: jax.Array, targets: jax.Array, smooth: float = 1.0) -
 def dice_bce_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """Source-training objective of the official code: soft Dice + BCE."""
     return soft_dice_loss(logits, targets) + bce_with_logits(logits, targets)
+
+
+def bernoulli_kl(logits_p: jax.Array, logits_q: jax.Array) -> jax.Array:
+    """KL(p ‖ q) between per-channel Bernoulli distributions given by logits, summed over channels.
+
+    ``p = sigmoid(logits_p)``, ``q = sigmoid(logits_q)``; computed from
+    log-sigmoids, so saturated logits stay finite. Broadcasts over leading axes.
+    """
+    p = jax.nn.sigmoid(logits_p)
+    log_p, log_1mp = jax.nn.log_sigmoid(logits_p), jax.nn.log_sigmoid(-logits_p)
+    log_q, log_1mq = jax.nn.log_sigmoid(logits_q), jax.nn.log_sigmoid(-logits_q)
+    return jnp.sum(p * (log_p - log_q) + (1 - p) * (log_1mp - log_1mq), axis=-1)

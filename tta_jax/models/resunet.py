@@ -173,7 +173,12 @@ class ResUNet(nn.Module):
     sr_factor: int = 4
 
     @nn.compact
-    def __call__(self, x, train: bool = False, return_aux: bool = False):
+    def __call__(self, x, train: bool = False, return_aux: bool = False, return_features: bool = False,
+                 bottleneck_dropout: float = 0.0):
+        """Logits ``[B, H, W, num_classes]``; with ``return_aux`` also the auxiliary outputs, with
+        ``return_features`` also the decoder's last feature map (the segmentation head's input,
+        ``[B, H, W, c(32)]``). ``bottleneck_dropout > 0`` applies dropout to the bottleneck
+        (needs a ``"dropout"`` rng): SPEGC's Monte-Carlo dropout passes."""
         if self.backbone not in RESNET_STAGES:
             raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {sorted(RESNET_STAGES)}")
         if x.ndim != 4:
@@ -198,15 +203,20 @@ class ResUNet(nn.Module):
             skips.append(x)
         # skips: stem, layer1, layer2, layer3, (layer4 = bottleneck)
         bottleneck = nn.relu(skips.pop())
+        if bottleneck_dropout > 0:
+            bottleneck = nn.Dropout(bottleneck_dropout, deterministic=False)(bottleneck)
         x = bottleneck
         for k, skip in enumerate(reversed(skips)):
             x = UnetBlock(c(256), name=f"up{k + 1}")(x, skip, train)
         features = nn.ConvTranspose(c(32), (2, 2), strides=(2, 2), padding="VALID", name="up5")(x)
         head_in = nn.relu(BatchNorm(use_running_average=not train, name="bnout")(features))
         logits = nn.Conv(self.num_classes, (1, 1), name="seg_head")(head_in)
-        if not return_aux:
-            return logits
-        return logits, {name: self._aux_branch(name, bottleneck, train) for name in self.aux_heads}
+        outputs = (logits,)
+        if return_aux:
+            outputs += ({name: self._aux_branch(name, bottleneck, train) for name in self.aux_heads},)
+        if return_features:
+            outputs += (head_in,)
+        return outputs[0] if len(outputs) == 1 else outputs
 
     def _aux_branch(self, name, bottleneck, train):
         c = functools.partial(_channels, width=self.width)
