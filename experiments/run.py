@@ -7,6 +7,8 @@ target domains, and write ``results.json`` and ``results.md``.
 
 ``mode=source``: only get the source model and report its Dice per domain.
 
+``mode=benchmark`` (``configs/benchmark.py``): timing and memory, see :mod:`experiments.benchmark`.
+
 Resumability: each finished (method, seed) run is written atomically to
 ``workdir/runs/<method>/seed_<s>.json`` with a fingerprint of the settings
 that determine it; a re-run with the same settings reuses it.
@@ -36,7 +38,7 @@ from tta_jax.models import ResUNet, init_variables
 from tta_jax.runner import LOOPS, PROTOCOLS, StreamRunner, run_protocol, split_seeds
 from tta_jax.training import evaluate_source_stats, train_source
 
-MODES = ("adapt", "source")
+MODES = ("adapt", "source", "benchmark")
 METRIC_SETS = ("dice", "full")
 SOURCE_CACHE_VERSION = 1  # bump when source training changes meaning
 
@@ -90,6 +92,8 @@ def validate_config(config) -> None:
     methods = _split_list(config.methods)
     if config.mode == "adapt" and not methods:
         raise ValueError("config.methods is empty")
+    if config.mode == "benchmark":
+        methods = _split_list(config.benchmark.methods)
     for m in methods:
         resolve_method(config, m)
     if config.image_size < 32 or config.image_size % 32:
@@ -297,6 +301,9 @@ def run(config, workdir: str) -> dict:
     merges them into ``workdir/merged.{md,csv,json}``.
     """
     validate_config(config)
+    if config.mode == "benchmark":
+        from experiments.benchmark import run_benchmark
+        return run_benchmark(config, workdir)
     setup_compilation_cache(config)
     if config.source_domain == "all":
         return run_grid(config, workdir)

@@ -1,0 +1,33 @@
+"""Benchmark mode: compile time (trace/lower/compile, cold and warm cache), first-image latency,
+median time per image and memory of each method, against the eager PyTorch reference.
+
+Run (CPU, small default: ResNet-18 ×0.25 at 128², a few minutes)::
+
+  python -m experiments.main --config=configs/benchmark.py --workdir=/tmp/tta_bench
+
+Variants: ``issue8`` — the acceptance setting: ResNet-34 at full width, 256², PyTorch with 2
+threads (``--config=configs/benchmark.py:issue8``); ``quick`` — a smoke run (64², 4 images).
+Methods and sizes are overrides: ``--config.benchmark.methods=grata --config.benchmark.image_size=512``.
+Writes ``benchmark.json`` and ``benchmark.md`` (see ``experiments/benchmark.py``).
+"""
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg=None):
+    c = common.get_base_config()
+    c.mode = "benchmark"
+    c.methods = ""
+    c.benchmark = ml_collections.ConfigDict(dict(
+        methods="no_adapt,bn,tent,grata,spegc", image_size=128, stream_length=12, torch=True,
+        torch_threads=2, dgcs_nodes=256))
+    for variant in filter(None, (arg or "").split(",")):
+        if variant == "issue8":
+            c.model.backbone, c.model.width = "resnet34", 1.0
+            c.benchmark.image_size = 256
+        elif variant == "quick":
+            c.benchmark.image_size, c.benchmark.stream_length = 64, 4
+        else:
+            raise ValueError(f"unknown benchmark variant {variant!r}; use issue8 or quick")
+    return c

@@ -1,0 +1,215 @@
+"""Benchmark mode (``mode=benchmark``): compile time and speed of each method, JAX vs eager PyTorch.
+
+For every method in ``benchmark.methods`` (random-init ResUNet of the
+configured backbone/width, ``benchmark.image_size``², batch 1):
+
+* ahead-of-time stages of the jitted step, timed separately: ``trace``,
+  ``lower``, ``compile`` — first with an empty persistent compilation cache
+  (cold), then again after clearing the in-memory caches (warm: served from
+  the persistent cache);
+* first-image latency (the first call of the compiled step) and the
+  steady-state time per image (median over ``benchmark.stream_length`` images
+  of one stream, adaptation step + prediction, synchronised per image);
+* memory: XLA's buffer sizes of the compiled step (arguments, outputs,
+  temporaries) and, on GPU/TPU, the device's peak bytes in use;
+* the eager PyTorch reference (``tent``, ``grata``; needs torch) on the same
+  network size: first-image and median time per image, ``torch_threads``
+  threads; the ratio PyTorch/JAX of the medians and the break-even stream
+  length ``N*`` from which JAX's total (cold compile + first image + (N−1) ×
+  median) beats PyTorch's (first + (N−1) × median).
+
+``benchmark.dgcs_nodes`` times SPEGC's graph solver alone (Eq. 8–14 at V
+nodes, forward and forward+backward). Writes ``benchmark.json`` and
+``benchmark.md`` to the workdir; runs unchanged on CPU, GPU or TPU.
+"""
+from __future__ import annotations
+
+import json
+import math
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from tta_jax import checkpoints
+from tta_jax.graph_clustering import SinkhornHParams, refined_graph
+from tta_jax.methods import make_method
+from tta_jax.models import ResUNet, init_variables
+
+TORCH_METHODS = ("tent", "grata")
+
+
+def _block(tree):
+    return jax.block_until_ready(tree)
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def aot_times(fn, *args) -> tuple[dict, object]:
+    """Trace, lower and compile ``jax.jit(fn)`` on ``args``, each timed; returns (times, compiled)."""
+    jitted = jax.jit(fn)
+    traced, t_trace = _timed(lambda: jitted.trace(*args))
+    lowered, t_lower = _timed(traced.lower)
+    compiled, t_compile = _timed(lowered.compile)
+    return {"trace_s": t_trace, "lower_s": t_lower, "compile_s": t_compile}, compiled
+
+
+def memory_of(compiled) -> dict:
+    try:
+        m = compiled.memory_analysis()
+        return {"argument_mb": m.argument_size_in_bytes / 2**20, "output_mb": m.output_size_in_bytes / 2**20,
+                "temp_mb": m.temp_size_in_bytes / 2**20}
+    except Exception as err:  # not every backend reports it
+        return {"memory_analysis": f"unavailable: {err}"}
+
+
+def device_peak_mb() -> float | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None
+
+
+def break_even(jax_total_first: float, jax_median: float, torch_first: float, torch_median: float):
+    """Smallest stream length N with JAX total ≤ PyTorch total, or None if JAX never catches up."""
+    if jax_total_first <= torch_first:
+        return 1
+    if jax_median >= torch_median:
+        return None
+    return 1 + math.ceil((jax_total_first - torch_first) / (torch_median - jax_median))
+
+
+def bench_method(name, model, variables, hparams, images, key) -> dict:
+    method = make_method(name, model, hparams)
+    state = method.init(variables, key)
+    keys = jax.random.split(key, len(images))
+    cache_dir = tempfile.mkdtemp(prefix="tta_jax_bench_cache_")
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.clear_caches()
+    cold, compiled = aot_times(method.step, state, images[0], keys[0])
+    jax.clear_caches()
+    warm, _ = aot_times(method.step, state, images[0], keys[0])
+    st, first = _timed(lambda: _block(compiled(state, images[0], keys[0])))
+    st = st[0]
+    per_image = []
+    for i in range(1, len(images)):
+        t0 = time.perf_counter()
+        st, logits, info = _block(compiled(st, images[i], keys[i]))
+        per_image.append(time.perf_counter() - t0)
+    return {"cold": cold, "warm": warm, "first_image_s": first, "median_s": float(np.median(per_image)),
+            "memory": memory_of(compiled), "device_peak_mb": device_peak_mb()}
+
+
+def bench_torch(name, config, images_np) -> dict | None:
+    try:
+        import torch
+        from experiments import torch_reference as ref
+    except ImportError as err:
+        logging.warning("PyTorch reference skipped: %s", err)
+        return None
+    b = config.benchmark
+    torch.set_num_threads(int(b.torch_threads))
+    torch.manual_seed(0)
+    model = ref.TorchResUNet(config.model.backbone, 2, config.model.width).train()
+    opt = ref.make_adam(model, 1e-4 if name == "grata" else 1e-3)
+    step = (lambda x: ref.grata_step(model, opt, x)) if name == "grata" else (lambda x: ref.tent_step(model, opt, x))
+    xs = [torch.from_numpy(np.ascontiguousarray(im.transpose(0, 3, 1, 2))) for im in images_np]
+    _, first = _timed(lambda: step(xs[0]))
+    times = [_timed(lambda x=x: step(x))[1] for x in xs[1:]]
+    return {"first_image_s": first, "median_s": float(np.median(times)), "threads": int(b.torch_threads)}
+
+
+def bench_dgcs(nodes: int, hidden: int, clusters: int, key) -> dict:
+    feats = jax.random.normal(key, (nodes, hidden))
+    valid = jnp.ones((nodes,), bool)
+    w = jnp.eye(hidden)
+    hp = SinkhornHParams()
+
+    def forward(v):
+        return refined_graph(v, valid, w, w, clusters, 0.1, hp)[0]
+
+    def loss_and_grad(v):
+        return jax.value_and_grad(lambda u: jnp.sum(forward(u) * u @ u.T))(v)
+
+    out = {"nodes": nodes, "edges": nodes * nodes}
+    for label, fn in (("forward", forward), ("forward_backward", loss_and_grad)):
+        times, compiled = aot_times(fn, feats)
+        _block(compiled(feats))
+        runs = [_timed(lambda: _block(compiled(feats)))[1] for _ in range(10)]
+        out[label] = {"compile_s": times["compile_s"], "median_s": float(np.median(runs))}
+    return out
+
+
+def run_benchmark(config, workdir: str) -> dict:
+    b = config.benchmark
+    size = int(b.image_size)
+    model = ResUNet(backbone=config.model.backbone, num_classes=2, width=float(config.model.width))
+    key = jax.random.PRNGKey(config.seed)
+    variables = init_variables(model, key, size)
+    rng = np.random.default_rng(config.seed)
+    images_np = [rng.uniform(size=(1, size, size, 3)).astype(np.float32) for _ in range(int(b.stream_length))]
+    images = [jnp.asarray(x) for x in images_np]
+    from experiments.run import resolve_method
+    results = {"device": str(jax.devices()[0]), "backend": jax.default_backend(), "image_size": size,
+               "backbone": config.model.backbone, "width": float(config.model.width),
+               "stream_length": int(b.stream_length), "methods": {}}
+    for name in [m for m in b.methods.split(",") if m]:
+        base, hparams = resolve_method(config, name)
+        logging.info("benchmark: %s", name)
+        row = bench_method(base, model, variables, hparams, images, key)
+        if base in TORCH_METHODS and b.torch:
+            row["torch"] = bench_torch(base, config, images_np)
+            if row["torch"]:
+                t = row["torch"]
+                row["ratio_torch_over_jax"] = t["median_s"] / row["median_s"]
+                row["break_even_images"] = break_even(
+                    row["cold"]["trace_s"] + row["cold"]["lower_s"] + row["cold"]["compile_s"] + row["first_image_s"],
+                    row["median_s"], t["first_image_s"], t["median_s"])
+        results["methods"][name] = row
+        logging.info("benchmark %s: %s", name, json.dumps(row))
+    if int(b.dgcs_nodes):
+        results["dgcs"] = bench_dgcs(int(b.dgcs_nodes), int(config.spegc.hidden), int(config.spegc.clusters), key)
+    results["process_max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out = Path(workdir)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoints.atomic_write_text(out / "benchmark.json", json.dumps(results, indent=1))
+    table = benchmark_table(results)
+    checkpoints.atomic_write_text(out / "benchmark.md", table)
+    print(table)
+    return results
+
+
+def _f(x, digits=3):
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def benchmark_table(r: dict) -> str:
+    lines = [f"# Benchmark on {r['device']} ({r['backend']}): {r['backbone']} ×{r['width']}, "
+             f"{r['image_size']}², batch 1, stream of {r['stream_length']}",
+             "", "Seconds. cold = empty persistent cache; warm = served from it. "
+             "median = adaptation step + prediction per image.", "",
+             "| method | trace | lower | compile cold | compile warm | first image | median/image | "
+             "XLA temp MB | PyTorch first | PyTorch median | PyTorch/JAX | break-even N |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, m in r["methods"].items():
+        t = m.get("torch") or {}
+        lines.append(
+            f"| {name} | {_f(m['cold']['trace_s'])} | {_f(m['cold']['lower_s'])} | {_f(m['cold']['compile_s'])} | "
+            f"{_f(m['warm']['compile_s'])} | {_f(m['first_image_s'])} | {_f(m['median_s'])} | "
+            f"{_f(m['memory'].get('temp_mb'), 1)} | {_f(t.get('first_image_s'))} | {_f(t.get('median_s'))} | "
+            f"{_f(m.get('ratio_torch_over_jax'), 2)} | {m.get('break_even_images', '–') if t else '–'} |")
+    if "dgcs" in r:
+        d = r["dgcs"]
+        lines += ["", f"SPEGC DGCS alone (Eq. 8–14, V = {d['nodes']} nodes, E = {d['edges']} edges, "
+                  f"20 Sinkhorn iterations): forward {1e3 * d['forward']['median_s']:.1f} ms, "
+                  f"forward+backward {1e3 * d['forward_backward']['median_s']:.1f} ms (median of 10)."]
+    lines.append(f"\nProcess peak RSS: {r['process_max_rss_mb']:.0f} MB.")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,34 @@
+"""Benchmark mode: the pieces that compute numbers (timing itself is not asserted)."""
+import jax.numpy as jnp
+import pytest
+
+from experiments.benchmark import aot_times, benchmark_table, break_even, memory_of
+
+
+def test_break_even_stream_length():
+    # JAX: 10 s compile + first, then 0.1 s/image; PyTorch: 0.5 s first, then 0.4 s/image.
+    n = break_even(10.0, 0.1, 0.5, 0.4)
+    assert n == 1 + 32                                          # ceil(9.5 / 0.3) = 32
+    jax_total = 10.0 + (n - 1) * 0.1
+    assert jax_total <= 0.5 + (n - 1) * 0.4 and 10.0 + (n - 2) * 0.1 > 0.5 + (n - 2) * 0.4
+    assert break_even(10.0, 0.5, 0.5, 0.4) is None             # never catches up
+    assert break_even(0.3, 0.5, 0.5, 0.4) == 1
+
+
+def test_aot_stages_are_timed_and_compiled_function_runs():
+    times, compiled = aot_times(lambda x: jnp.sin(x) * 2, jnp.ones(3))
+    assert set(times) == {"trace_s", "lower_s", "compile_s"} and all(t >= 0 for t in times.values())
+    assert float(compiled(jnp.zeros(3)).sum()) == 0.0
+    mem = memory_of(compiled)
+    assert "temp_mb" in mem or "memory_analysis" in mem
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_table(tmp_path):
+    from configs import benchmark
+    from experiments.run import run
+    c = benchmark.get_config("quick")
+    c.benchmark.methods, c.benchmark.stream_length, c.benchmark.dgcs_nodes = "bn,tent", 3, 32
+    res = run(c, str(tmp_path))
+    assert set(res["methods"]) == {"bn", "tent"} and (tmp_path / "benchmark.md").exists()
+    assert res["methods"]["tent"]["median_s"] > 0 and res["dgcs"]["edges"] == 32 * 32
