@@ -6,6 +6,8 @@ unknown key is an error.
 """
 import ml_collections
 
+from tta_jax.adversarial import ADVERSARIAL_DEFAULTS
+from tta_jax.methods.adv_ttt import DEFAULTS as ADV_TTT_DEFAULTS
 from tta_jax.methods.spegc import DEFAULTS as SPEGC_DEFAULTS
 
 # GraTa's strong view (batchgenerators semantics); any p_* = 0 switches an op off.
@@ -47,7 +49,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(backbone="resnet18", width=0.25, aux_heads="", sr_factor=4))
     c.synthetic = ml_collections.ConfigDict(dict(num_train=200, num_test=40, seed=0))
     c.source = ml_collections.ConfigDict(dict(
-        steps=800, batch_size=8, lr=1e-3, optimizer="adam", photometric=0.2, seed=0, denoise_std=1.0))
+        steps=800, batch_size=8, lr=1e-3, optimizer="adam", photometric=0.2, seed=0, denoise_std=1.0,
+        adversarial=False))
+    # Adversarial source stage (Valvano et al.; source.adversarial=True): see tta_jax/adversarial.py.
+    c.adversarial = ml_collections.ConfigDict(dict(ADVERSARIAL_DEFAULTS))
 
     # Per-method hyperparameters (the sub-dict named like the method).
     c.tent = ml_collections.ConfigDict(dict(lr=1e-3, b1=0.9, b2=0.999, steps=1))
@@ -57,6 +62,9 @@ def get_base_config() -> ml_collections.ConfigDict:
         strong=ml_collections.ConfigDict(STRONG_AUGMENT)))
     # SPEGC (paper §4.2 settings; lr 0.005 fundus, 0.01 polyp): see tta_jax/methods/spegc.py.
     c.spegc = ml_collections.ConfigDict(dict(SPEGC_DEFAULTS))
+    # Adversarial test-time training (Δ's architecture comes from c.adversarial).
+    c.adv_ttt = ml_collections.ConfigDict(
+        {k: v for k, v in ADV_TTT_DEFAULTS.items() if k not in ("disc_width", "disc_strides")})
     # Named rows of ablation tables: {row name: {"method": registered name, **overrides}}.
     c.variants = ml_collections.ConfigDict()
     return c

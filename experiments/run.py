@@ -36,6 +36,9 @@ from tta_jax.methods import available_methods, make_method
 from tta_jax.metrics import FULL_METRICS, domain_summary, full_metrics
 from tta_jax.models import ResUNet, init_variables
 from tta_jax.runner import LOOPS, PROTOCOLS, StreamRunner, run_protocol, split_seeds
+from tta_jax.adversarial import train_adversarial_source
+from tta_jax.methods.adv_ttt import parse_strides
+from tta_jax.models import MaskDiscriminator
 from tta_jax.training import evaluate_source_stats, train_source
 
 MODES = ("adapt", "source", "benchmark")
@@ -71,6 +74,9 @@ def resolve_method(config, name: str) -> tuple[str, dict]:
         raise ValueError(f"unknown method {name!r}; available methods: {available_methods()}"
                          + (f"; variants: {sorted(variants)}" if variants else ""))
     hparams = config[base].to_dict() if base in config else {}
+    if base == "adv_ttt" and "adversarial" in config:
+        # One place for Δ's architecture: the adversarial source stage that trained it.
+        hparams.update(disc_width=config.adversarial.disc_width, disc_strides=config.adversarial.disc_strides)
     for key, value in spec.items():
         if isinstance(value, dict) and isinstance(hparams.get(key), dict):
             hparams[key] = {**hparams[key], **value}
@@ -95,7 +101,10 @@ def validate_config(config) -> None:
     if config.mode == "benchmark":
         methods = _split_list(config.benchmark.methods)
     for m in methods:
-        resolve_method(config, m)
+        base, _ = resolve_method(config, m)
+        if base == "adv_ttt" and not (config.source.adversarial or config.source_checkpoint):
+            raise ValueError(f"method {m!r} needs the mask discriminator of an adversarial source stage: "
+                             "set --config.source.adversarial=True (configs/adv_ttt.py does)")
     if config.image_size < 32 or config.image_size % 32:
         raise ValueError(f"image_size must be a positive multiple of 32, got {config.image_size}")
     if config.seeds < 1:
@@ -150,12 +159,23 @@ def source_settings(config) -> dict:
                     model=config.model.to_dict(), source=config.source.to_dict())
     if config.dataset == "synthetic_fundus":
         settings["synthetic"] = config.synthetic.to_dict()
+    if config.source.adversarial:
+        settings["adversarial"] = config.adversarial.to_dict()
     return settings
+
+
+def discriminator_of(config) -> MaskDiscriminator:
+    return MaskDiscriminator(config.adversarial.disc_width, parse_strides(config.adversarial.disc_strides))
 
 
 def get_source_model(config, model, dataset, source: str):
     """Restore ``source_checkpoint`` or the cached model, else train and cache one."""
     template = init_variables(model, jax.random.PRNGKey(config.source.seed), config.image_size)
+    if config.source.adversarial:
+        disc_template = discriminator_of(config).init(
+            jax.random.PRNGKey(config.source.seed + 1),
+            jnp.zeros((1, config.image_size, config.image_size, model.num_classes)))
+        template = {**template, "discriminator": disc_template}
     template = jax.device_get(template)
     if config.source_checkpoint:
         path = Path(os.path.expanduser(config.source_checkpoint))
@@ -180,15 +200,30 @@ def get_source_model(config, model, dataset, source: str):
     train = dataset.load(source, "train", config.image_size)
     logging.info("training the source model on %s (%d images, %d steps)", source, train.size, config.source.steps)
     start = time.perf_counter()
-    variables, history = train_source(
-        model, template, train.images, train.masks, jax.random.PRNGKey(config.source.seed),
-        steps=config.source.steps, batch_size=config.source.batch_size, lr=config.source.lr,
-        optimizer=config.source.optimizer, photometric=config.source.photometric,
-        denoise_std=config.source.denoise_std)
+    if config.source.adversarial:
+        if model.aux_heads:
+            raise ValueError("source.adversarial does not train auxiliary heads; leave model.aux_heads empty")
+        seg_template = {k: v for k, v in template.items() if k != "discriminator"}
+        variables, history = train_adversarial_source(
+            model, discriminator_of(config), seg_template, template["discriminator"], train.images, train.masks,
+            jax.random.PRNGKey(config.source.seed), steps=config.source.steps,
+            batch_size=config.source.batch_size, lr=config.source.lr, optimizer=config.source.optimizer,
+            photometric=config.source.photometric, hp=config.adversarial.to_dict())
+    else:
+        variables, history = train_source(
+            model, template, train.images, train.masks, jax.random.PRNGKey(config.source.seed),
+            steps=config.source.steps, batch_size=config.source.batch_size, lr=config.source.lr,
+            optimizer=config.source.optimizer, photometric=config.source.photometric,
+            denoise_std=config.source.denoise_std)
     info = {"train_seconds": time.perf_counter() - start, "loss_history": history, "train_images": train.size}
     checkpoints.save_variables(ckpt_dir, variables, {"settings": settings, "training": info})
     logging.info("source model saved to %s", ckpt_dir)
     return jax.device_get(variables), {"checkpoint": str(ckpt_dir), "trained_now": True, **info}
+
+
+def segmentor_variables(variables) -> dict:
+    """The segmentor's collections only (drops the discriminator of an adversarial source model)."""
+    return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
 
 
 def _seed_run_path(workdir: Path, method: str, seed: int) -> Path:
@@ -319,7 +354,7 @@ def run(config, workdir: str) -> dict:
     # The source model without adaptation on every domain (held-out split of its own domain).
     own = dataset.load(source, "test", config.image_size)
     source_info["own_domain_heldout"] = domain_summary(
-        evaluate_source_stats(model, variables, own.images, own.masks), channel_names)
+        evaluate_source_stats(model, segmentor_variables(variables), own.images, own.masks), channel_names)
     logging.info("source model on %s (held-out): %s", source, source_info["own_domain_heldout"])
 
     # Targets use every image (GraTa: train + test of a target); the synthetic
@@ -339,7 +374,7 @@ def run(config, workdir: str) -> dict:
     }
     if config.mode == "source":
         results["source"]["targets_no_adapt"] = {
-            t.name: domain_summary(evaluate_source_stats(model, variables, t.images, t.masks), channel_names)
+            t.name: domain_summary(evaluate_source_stats(model, segmentor_variables(variables), t.images, t.masks), channel_names)
             for t in target_data}
         _write_results(workdir, results, _source_table(results))
         return results

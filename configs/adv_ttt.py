@@ -1,0 +1,33 @@
+"""Adversarial test-time training (Valvano et al.): a GAN mask discriminator re-used as a shape prior,
+and a per-image input adaptor tuned against it, next to the frozen model.
+
+Run (synthetic default: trains — or reuses the cached — adversarial source model on A, then adapts
+every image of B–E; CPU, minutes)::
+
+  python -m experiments.main --config=configs/adv_ttt.py --workdir=/tmp/tta_adv
+
+Variants: ``polyp`` — real data, Kvasir-SEG → CVC-ClinicDB; ``paper`` — 512², ResNet-34, Adam
+1e-4 for the segmentor, the official-code tuning schedule (up to 2000 iterations, patience 200,
+keep the best-loss prediction); ``semi`` — semi-supervised source stage (25 % labelled, the rest
+as unpaired images and masks); ``quick`` — a smoke run. Every option is an override, e.g.
+``--config.adv_ttt.n_iter=100``, ``--config.adversarial.adv_weight=0.05``.
+"""
+from configs import common
+
+
+def get_config(arg=None):
+    c = common.get_base_config()
+    c.methods = "no_adapt,adv_ttt"
+    c.source.adversarial = True
+    c.metrics = "dice"
+    parts = [a for a in (arg or "").split(",") if a]
+    if "semi" in parts:
+        parts.remove("semi")
+        c.adversarial.labelled_fraction = 0.25
+    c = common.apply_variant(c, ",".join(parts))
+    if "paper" in parts:
+        c.source.lr = 1e-4
+        c.source.optimizer = "adam"
+        c.adversarial.disc_width = 1.0
+        c.adv_ttt.n_iter, c.adv_ttt.patience, c.adv_ttt.keep_best = 2000, 200, True
+    return c
