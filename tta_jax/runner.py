@@ -86,15 +86,18 @@ class StreamRunner:
     ``batched=True`` runs S independent streams (seeds) at once: states and
     RNG keys carry a leading seed axis, images are shared, and the step is
     ``jax.vmap``-ed over the seeds inside one jitted function.  Outputs then
-    have a seed axis after the image axis (dice ``[N, S, C]``).
+    have a seed axis after the image axis (dice ``[N, S, C]``).  ``shard=True``
+    also places the seed axis over all devices (:mod:`tta_jax.sharding`).
     """
 
     def __init__(self, method: Method, loop: str = "python", scan_chunk: int = 16, analysis: bool = False,
-                 keep_predictions: bool = False, batched: bool = False):
+                 keep_predictions: bool = False, batched: bool = False, shard: bool = False):
         if loop not in LOOPS:
             raise ValueError(f"unknown loop {loop!r}; choose one of {list(LOOPS)}")
         self.method, self.loop, self.scan_chunk = method, loop, int(scan_chunk)
         self.keep_predictions, self.batched = keep_predictions, batched
+        # shard: spread the batched streams over all devices (tta_jax.sharding)
+        self.shard = shard and batched and jax.device_count() > 1
         self.trace_count = 0
         run_analysis = analysis and method.analysis is not None
 
@@ -111,6 +114,9 @@ class StreamRunner:
 
         if batched:
             scored_step = jax.vmap(scored_step, in_axes=(0, None, None, 0))
+        if self.shard:
+            from tta_jax.sharding import shard_map_streams
+            scored_step = shard_map_streams(scored_step)
         self._scored_step = scored_step
         self._jit_step = jax.jit(scored_step)
         self._jit_chunk = jax.jit(self._chunk, static_argnames=("episodic",))
@@ -136,6 +142,11 @@ class StreamRunner:
         n = len(images)
         fold = jax.vmap(jax.random.fold_in, in_axes=(0, None)) if self.batched else jax.random.fold_in
         keys = jax.vmap(lambda i: fold(rng, i))(jnp.arange(first_index, first_index + n))
+        if self.shard:
+            # inputs placed as the sharded step's outputs are, so step 2 does not recompile
+            from tta_jax.sharding import shard_streams
+            state = shard_streams(state)
+            keys = shard_streams(keys, axis=1)
         init_state = state
         if self.loop == "python":
             dices, infos = [], []
@@ -215,6 +226,9 @@ def run_protocol(method: Method, variables, targets: Sequence, protocol: str, rn
         init_key, stream_key = jnp.moveaxis(jax.vmap(jax.random.split)(rng), 1, 0)
         init = lambda: jax.vmap(method.init, in_axes=(None, 0))(variables, init_key)
         fold = lambda key, t: jax.vmap(jax.random.fold_in, in_axes=(0, None))(key, t)
+        if runner.shard and len(rng) % jax.device_count():
+            raise ValueError(f"sharded run: {len(rng)} streams do not split evenly over "
+                             f"{jax.device_count()} devices; use a multiple or shard_seeds=False")
     else:
         init_key, stream_key = jax.random.split(rng)
         init = lambda: method.init(variables, init_key)
