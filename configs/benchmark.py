@@ -20,12 +20,15 @@ def get_config(arg=None):
     c.mode = "benchmark"
     c.methods = ""
     c.benchmark = ml_collections.ConfigDict(dict(
-        methods="no_adapt,bn,tent,grata,spegc", image_size=128, stream_length=12, torch=True,
-        torch_threads=2, dgcs_nodes=256))
+        methods="no_adapt,bn,tent,grata,spegc,adv_ttt", image_size=128, stream_length=12, torch=True,
+        torch_threads=2, dgcs_nodes=256,
+        # stream-level: loop forms and K vmapped streams, measured with loop_method ("" skips both)
+        loop_method="tent", loops=True, scan_unroll=4, streams="1,2,4"))
     for variant in filter(None, (arg or "").split(",")):
         if variant == "issue8":
             c.model.backbone, c.model.width = "resnet34", 1.0
             c.benchmark.image_size = 256
+            c.benchmark.methods, c.benchmark.loop_method = "tent,grata", "grata"
         elif variant == "quick":
             c.benchmark.image_size, c.benchmark.stream_length = 64, 4
         else:

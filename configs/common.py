@@ -32,8 +32,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.rounds = 5                      # long_term: passes over the target sequence
     c.mixed_seed = 2026               # mixed: permutation seed of the shuffled stream
     c.metrics = "dice"                # dice | full (+ IoU, ASSD, HD95, E-measure, S-measure)
-    c.loop = "python"                 # python | scan
+    c.loop = "auto"                   # auto (python on CPU, scan on GPU/TPU) | python | scan
     c.scan_chunk = 16
+    c.scan_unroll = 1                 # scan: steps unrolled per scan iteration
     c.seeds = 3                       # number of adaptation seeds (seed, seed+1, ...)
     c.seed = 0
     c.vmap_seeds = True               # run the seeds as one vmapped stream (one compilation)

@@ -18,6 +18,16 @@ configured backbone/width, ``benchmark.image_size``², batch 1):
   length ``N*`` from which JAX's total (cold compile + first image + (N−1) ×
   median) beats PyTorch's (first + (N−1) × median).
 
+Stream-level measurements with ``benchmark.loop_method`` (default tent),
+each timed on a second pass over the stream, after compilation:
+
+* loop forms (``benchmark.loops``): a Python loop over the jitted step, one
+  ``lax.scan`` over the stream, and that scan unrolled ``benchmark.scan_unroll``
+  steps per iteration — seconds per image side by side;
+* throughput (``benchmark.streams``, e.g. ``1,2,4``): K independent streams
+  (seeds) in one vmapped step, total images/s against K; K = 1 is also the
+  rate of K streams run one after another.
+
 ``benchmark.dgcs_nodes`` times SPEGC's graph solver alone (Eq. 8–14 at V
 nodes, forward and forward+backward). Writes ``benchmark.json`` and
 ``benchmark.md`` to the workdir; runs unchanged on CPU, GPU or TPU.
@@ -40,6 +50,7 @@ from tta_jax import checkpoints
 from tta_jax.graph_clustering import SinkhornHParams, refined_graph
 from tta_jax.methods import make_method
 from tta_jax.models import ResUNet, init_variables
+from tta_jax.runner import StreamRunner
 
 TORCH_METHODS = ("tent", "grata")
 
@@ -127,6 +138,45 @@ def bench_torch(name, config, images_np) -> dict | None:
     return {"first_image_s": first, "median_s": float(np.median(times)), "threads": int(b.torch_threads)}
 
 
+def _stream_seconds(runner: StreamRunner, state, images, masks, keys) -> tuple[float, float]:
+    """(first pass incl. compilation, second pass) wall seconds of ``runner`` over one stream."""
+    passes = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        _block(runner.run_stream(state, images, masks, keys))
+        passes.append(time.perf_counter() - t0)
+    return passes[0], passes[1]
+
+
+def bench_loops(method, variables, images, masks, key, unroll: int) -> dict:
+    """Seconds per image of the loop forms over one stream of ``len(images)``."""
+    n = len(images)
+    out = {}
+    for label, loop, u in (("python", "python", 1), ("scan", "scan", 1), (f"scan_unroll{unroll}", "scan", unroll)):
+        runner = StreamRunner(method, loop, scan_chunk=n, scan_unroll=u)
+        first, second = _stream_seconds(runner, method.init(variables, key), images, masks, key)
+        out[label] = {"first_pass_s": first, "per_image_s": second / n}
+    return out
+
+
+def bench_streams(method, variables, images, masks, key, ks) -> dict:
+    """Images/s of K streams in one vmapped step, for each K in ``ks``."""
+    n, out = len(images), {}
+    for k in ks:
+        if k == 1:
+            runner, state, keys = StreamRunner(method), method.init(variables, key), key
+        else:
+            keys = jax.random.split(key, k)
+            runner = StreamRunner(method, batched=True)
+            state = jax.vmap(method.init, in_axes=(None, 0))(variables, keys)
+        first, second = _stream_seconds(runner, state, images, masks, keys)
+        out[str(k)] = {"first_pass_s": first, "seconds": second, "images_per_s": k * n / second}
+    base = out.get("1", {}).get("images_per_s")
+    for row in out.values():
+        row["speedup_vs_sequential"] = row["images_per_s"] / base if base else None
+    return out
+
+
 def bench_dgcs(nodes: int, hidden: int, clusters: int, key) -> dict:
     feats = jax.random.normal(key, (nodes, hidden))
     valid = jnp.ones((nodes,), bool)
@@ -137,7 +187,7 @@ def bench_dgcs(nodes: int, hidden: int, clusters: int, key) -> dict:
         return refined_graph(v, valid, w, w, clusters, 0.1, hp)[0]
 
     def loss_and_grad(v):
-        return jax.value_and_grad(lambda u: jnp.sum(forward(u) * u @ u.T))(v)
+        return jax.value_and_grad(lambda u: jnp.sum(forward(u) * (u @ u.T)))(v)
 
     out = {"nodes": nodes, "edges": nodes * nodes}
     for label, fn in (("forward", forward), ("forward_backward", loss_and_grad)):
@@ -154,14 +204,19 @@ def run_benchmark(config, workdir: str) -> dict:
     model = ResUNet(backbone=config.model.backbone, num_classes=2, width=float(config.model.width))
     key = jax.random.PRNGKey(config.seed)
     variables = init_variables(model, key, size)
+    methods = [m for m in b.methods.split(",") if m]
+    from experiments.run import discriminator_of, resolve_method
+    if any(resolve_method(config, m)[0] == "adv_ttt" for m in methods):
+        # random Δ: adv_ttt's cost does not depend on its weights
+        variables = {**variables, "discriminator": discriminator_of(config).init(
+            jax.random.PRNGKey(config.seed + 1), jnp.zeros((1, size, size, 2)))}
     rng = np.random.default_rng(config.seed)
     images_np = [rng.uniform(size=(1, size, size, 3)).astype(np.float32) for _ in range(int(b.stream_length))]
     images = [jnp.asarray(x) for x in images_np]
-    from experiments.run import resolve_method
     results = {"device": str(jax.devices()[0]), "backend": jax.default_backend(), "image_size": size,
                "backbone": config.model.backbone, "width": float(config.model.width),
                "stream_length": int(b.stream_length), "methods": {}}
-    for name in [m for m in b.methods.split(",") if m]:
+    for name in methods:
         base, hparams = resolve_method(config, name)
         logging.info("benchmark: %s", name)
         row = bench_method(base, model, variables, hparams, images, key)
@@ -175,6 +230,19 @@ def run_benchmark(config, workdir: str) -> dict:
                     row["median_s"], t["first_image_s"], t["median_s"])
         results["methods"][name] = row
         logging.info("benchmark %s: %s", name, json.dumps(row))
+    masks = (rng.uniform(size=(len(images_np), size, size, 2)) > 0.5).astype(np.uint8)
+    stream = np.concatenate(images_np)
+    if b.loop_method and (b.loops or b.streams):
+        base, hparams = resolve_method(config, b.loop_method)
+        method = make_method(base, model, hparams)
+        results["loop_method"] = b.loop_method
+        if b.loops:
+            logging.info("benchmark: loop forms (%s)", b.loop_method)
+            results["loops"] = bench_loops(method, variables, stream, masks, key, int(b.scan_unroll))
+        if b.streams:
+            logging.info("benchmark: vmapped streams (%s)", b.loop_method)
+            ks = [int(k) for k in str(b.streams).split(",") if k]
+            results["streams"] = bench_streams(method, variables, stream, masks, key, ks)
     if int(b.dgcs_nodes):
         results["dgcs"] = bench_dgcs(int(b.dgcs_nodes), int(config.spegc.hidden), int(config.spegc.clusters), key)
     results["process_max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -206,6 +274,16 @@ def benchmark_table(r: dict) -> str:
             f"{_f(m['warm']['compile_s'])} | {_f(m['first_image_s'])} | {_f(m['median_s'])} | "
             f"{_f(m['memory'].get('temp_mb'), 1)} | {_f(t.get('first_image_s'))} | {_f(t.get('median_s'))} | "
             f"{_f(m.get('ratio_torch_over_jax'), 2)} | {m.get('break_even_images', '–') if t else '–'} |")
+    if "loops" in r:
+        lines += ["", f"Loop forms ({r['loop_method']}, stream of {r['stream_length']}, second pass): "
+                  "seconds per image", "", "| loop | per image | first pass (incl. compile) |", "|---|---|---|"]
+        lines += [f"| {k} | {_f(v['per_image_s'])} | {_f(v['first_pass_s'], 1)} |" for k, v in r["loops"].items()]
+    if "streams" in r:
+        lines += ["", f"K independent streams in one vmapped step ({r['loop_method']}, second pass); "
+                  "K = 1 is also the rate of K streams run one after another", "",
+                  "| K | images/s | × sequential |", "|---|---|---|"]
+        lines += [f"| {k} | {v['images_per_s']:.2f} | {_f(v['speedup_vs_sequential'], 2)} |"
+                  for k, v in r["streams"].items()]
     if "dgcs" in r:
         d = r["dgcs"]
         lines += ["", f"SPEGC DGCS alone (Eq. 8–14, V = {d['nodes']} nodes, E = {d['edges']} edges, "

@@ -35,7 +35,7 @@ from tta_jax.data import DATASETS, get_dataset
 from tta_jax.methods import available_methods, make_method
 from tta_jax.metrics import FULL_METRICS, domain_summary, full_metrics
 from tta_jax.models import ResUNet, init_variables
-from tta_jax.runner import LOOPS, PROTOCOLS, StreamRunner, run_protocol, split_seeds
+from tta_jax.runner import LOOPS, PROTOCOLS, StreamRunner, default_loop, run_protocol, split_seeds
 from tta_jax.adversarial import train_adversarial_source
 from tta_jax.methods.adv_ttt import parse_strides
 from tta_jax.models import MaskDiscriminator
@@ -102,7 +102,9 @@ def validate_config(config) -> None:
         methods = _split_list(config.benchmark.methods)
     for m in methods:
         base, _ = resolve_method(config, m)
-        if base == "adv_ttt" and not (config.source.adversarial or config.source_checkpoint):
+        # (the benchmark times adv_ttt with a random discriminator)
+        if base == "adv_ttt" and config.mode == "adapt" and not (config.source.adversarial
+                                                                  or config.source_checkpoint):
             raise ValueError(f"method {m!r} needs the mask discriminator of an adversarial source stage: "
                              "set --config.source.adversarial=True (configs/adv_ttt.py does)")
     if config.image_size < 32 or config.image_size % 32:
@@ -298,7 +300,8 @@ def run_method_seeds(config, row_name, hparams, method, variables, targets, seed
         if shard and len(todo) % jax.device_count():
             logging.warning("%d seeds do not split over %d devices: not sharded", len(todo), jax.device_count())
             shard = False
-        runner = StreamRunner(method, config.loop, config.scan_chunk, analysis=config.analysis,
+        runner = StreamRunner(method, config.loop, config.scan_chunk, scan_unroll=config.scan_unroll,
+                              analysis=config.analysis,
                               keep_predictions=config.metrics == "full", batched=batched,
                               shard=shard)
         common = dict(runner=runner, rounds=config.rounds, mixed_seed=config.mixed_seed)
@@ -385,7 +388,7 @@ def run(config, workdir: str) -> dict:
         return results
 
     base_fp = {"source": source_settings(config), "checkpoint": str(config.source_checkpoint),
-               "targets": targets, "protocol": config.protocol, "loop": config.loop,
+               "targets": targets, "protocol": config.protocol, "loop": config.loop, "loop_resolved": default_loop() if config.loop == "auto" else config.loop,
                "scan_chunk": config.scan_chunk, "target_split": target_split, "analysis": config.analysis,
                "metrics": config.metrics, "rounds": config.rounds if config.protocol == "long_term" else None,
                "mixed_seed": config.mixed_seed if config.protocol == "mixed" else None}

@@ -28,7 +28,10 @@ def test_quick_benchmark_writes_table(tmp_path):
     from configs import benchmark
     from experiments.run import run
     c = benchmark.get_config("quick")
-    c.benchmark.methods, c.benchmark.stream_length, c.benchmark.dgcs_nodes = "bn,tent", 3, 32
+    c.benchmark.methods, c.benchmark.stream_length, c.benchmark.dgcs_nodes = "bn,tent,adv_ttt", 3, 32
+    c.adv_ttt.n_iter, c.benchmark.streams = 2, "1,2"
     res = run(c, str(tmp_path))
-    assert set(res["methods"]) == {"bn", "tent"} and (tmp_path / "benchmark.md").exists()
+    assert set(res["methods"]) == {"bn", "tent", "adv_ttt"} and (tmp_path / "benchmark.md").exists()
+    assert set(res["loops"]) == {"python", "scan", "scan_unroll4"} and set(res["streams"]) == {"1", "2"}
+    assert res["streams"]["1"]["speedup_vs_sequential"] == 1.0
     assert res["methods"]["tent"]["median_s"] > 0 and res["dgcs"]["edges"] == 32 * 32

@@ -23,6 +23,14 @@ def _state_leaves(results):
     return np.concatenate([r.dice.ravel() for r in results])
 
 
+def test_auto_loop_resolves_per_backend(tent):
+    from tta_jax.runner import default_loop
+    assert default_loop("cpu") == "python" and default_loop("gpu") == default_loop("tpu") == "scan"
+    assert StreamRunner(tent).loop == default_loop()
+    with pytest.raises(ValueError, match="scan_unroll"):
+        StreamRunner(tent, "scan", scan_unroll=0)
+
+
 def test_compiles_once_per_stream_and_across_targets(tent, tiny_variables, targets):
     runner = StreamRunner(tent, "python")
     assert runner.trace_count == 0
@@ -34,9 +42,11 @@ def test_compiles_once_per_stream_and_across_targets(tent, tiny_variables, targe
     assert set(results[0].info) == {"loss", "skipped"}
 
 
-def test_scan_matches_python_loop_and_compiles_once(tent, tiny_variables, targets):
+@pytest.mark.parametrize("unroll", [1, 2])
+def test_scan_matches_python_loop_and_compiles_once(tent, tiny_variables, targets, unroll):
     py, _ = run_protocol(tent, tiny_variables, targets, "continual", jax.random.PRNGKey(0), loop="python")
-    runner = StreamRunner(tent, "scan", scan_chunk=2)   # 3 images -> one full and one padded chunk
+    # 3 images -> one full and one padded chunk
+    runner = StreamRunner(tent, "scan", scan_chunk=2, scan_unroll=unroll)
     sc, _ = run_protocol(tent, tiny_variables, targets, "continual", jax.random.PRNGKey(0), runner=runner)
     assert runner.trace_count == 1
     np.testing.assert_allclose(_state_leaves(py), _state_leaves(sc), atol=1e-3)

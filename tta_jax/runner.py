@@ -8,9 +8,15 @@ Loop forms (``loop``):
 
 * ``python`` — a Python loop over one jitted step (fastest on XLA:CPU);
 * ``scan`` — ``lax.scan`` over fixed-size chunks of ``scan_chunk`` images
-  (one dispatch per chunk; try it on GPU/TPU).  The last chunk is padded and
-  a validity mask keeps padded steps from touching the state, so every chunk
-  has one shape and the stream compiles once whatever its length.
+  (one dispatch per chunk), ``scan_unroll`` steps unrolled per iteration.
+  The last chunk is padded and a validity mask keeps padded steps from
+  touching the state, so every chunk has one shape and the stream compiles
+  once whatever its length;
+* ``auto`` (default) — ``python`` on CPU, where the benchmark mode measured it
+  fastest (one step is milliseconds of work, the dispatch is negligible and
+  XLA:CPU compiles the loop body less well inside a scan); ``scan`` on GPU/TPU,
+  where per-step dispatch and host synchronisation are a larger share of a
+  fast step (not measured here: rerun ``configs/benchmark.py`` on the device).
 
 Protocols (reset policies; always adapt-then-predict):
 
@@ -39,7 +45,12 @@ from tta_jax.metrics import dice_per_channel
 from tta_jax.methods.base import Method
 
 PROTOCOLS = ("per_target", "continual", "long_term", "mixed", "episodic")
-LOOPS = ("python", "scan")
+LOOPS = ("auto", "python", "scan")
+
+
+def default_loop(backend: str | None = None) -> str:
+    """The loop form ``auto`` resolves to on ``backend`` (default: JAX's default backend)."""
+    return "python" if (backend or jax.default_backend()) == "cpu" else "scan"
 
 
 class StreamResult(NamedTuple):
@@ -90,11 +101,15 @@ class StreamRunner:
     also places the seed axis over all devices (:mod:`tta_jax.sharding`).
     """
 
-    def __init__(self, method: Method, loop: str = "python", scan_chunk: int = 16, analysis: bool = False,
-                 keep_predictions: bool = False, batched: bool = False, shard: bool = False):
+    def __init__(self, method: Method, loop: str = "auto", scan_chunk: int = 16, analysis: bool = False,
+                 keep_predictions: bool = False, batched: bool = False, shard: bool = False,
+                 scan_unroll: int = 1):
         if loop not in LOOPS:
             raise ValueError(f"unknown loop {loop!r}; choose one of {list(LOOPS)}")
-        self.method, self.loop, self.scan_chunk = method, loop, int(scan_chunk)
+        if int(scan_chunk) < 1 or int(scan_unroll) < 1:
+            raise ValueError(f"scan_chunk and scan_unroll must be >= 1, got {scan_chunk}, {scan_unroll}")
+        loop = default_loop() if loop == "auto" else loop
+        self.method, self.loop, self.scan_chunk, self.scan_unroll = method, loop, int(scan_chunk), int(scan_unroll)
         self.keep_predictions, self.batched = keep_predictions, batched
         # shard: spread the batched streams over all devices (tta_jax.sharding)
         self.shard = shard and batched and jax.device_count() > 1
@@ -130,7 +145,7 @@ class StreamRunner:
 
             return new, (dice, info)
 
-        return jax.lax.scan(body, state, (images, masks, keys, valid))
+        return jax.lax.scan(body, state, (images, masks, keys, valid), unroll=self.scan_unroll)
 
     def run_stream(self, state, images: np.ndarray, masks: np.ndarray, rng: jax.Array,
                    episodic: bool = False, first_index: int = 0, progress: Progress | None = None):
@@ -201,7 +216,7 @@ def _concat_domains(targets, order):
 
 
 def run_protocol(method: Method, variables, targets: Sequence, protocol: str, rng: jax.Array,
-                 loop: str = "python", scan_chunk: int = 16, label: str = "",
+                 loop: str = "auto", scan_chunk: int = 16, label: str = "",
                  runner: StreamRunner | None = None, rounds: int = 5,
                  mixed_seed: int = 2026) -> tuple[list[StreamResult], StreamRunner]:
     """Run ``method`` over the target domains under ``protocol``.
