@@ -31,6 +31,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.protocol = "per_target"         # per_target | continual | long_term | mixed | episodic
     c.rounds = 5                      # long_term: passes over the target sequence
     c.mixed_seed = 2026               # mixed: permutation seed of the shuffled stream
+    c.worst_fraction = 0.1            # report Dice on the worst-segmented 10 % (by no_adapt); 0: off
     c.metrics = "dice"                # dice | full (+ IoU, ASSD, HD95, E-measure, S-measure)
     c.loop = "auto"                   # auto (python on CPU, scan on GPU/TPU) | python | scan
     c.scan_chunk = 16

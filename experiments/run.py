@@ -392,6 +392,7 @@ def run(config, workdir: str) -> dict:
                "scan_chunk": config.scan_chunk, "target_split": target_split, "analysis": config.analysis,
                "metrics": config.metrics, "rounds": config.rounds if config.protocol == "long_term" else None,
                "mixed_seed": config.mixed_seed if config.protocol == "mixed" else None}
+    runs_by_method = {}
     for method_name in _split_list(config.methods):
         base, hparams = resolve_method(config, method_name)
         m_start = time.perf_counter()
@@ -399,11 +400,14 @@ def run(config, workdir: str) -> dict:
                         for seed in results["seeds"]}
         runs, trace_count = run_method_seeds(config, method_name, hparams, make_method(base, model, hparams),
                                              variables, target_data, results["seeds"], fingerprints, workdir)
+        runs_by_method[method_name] = runs
         agg = report.aggregate_method(runs, targets, channel_names)
         agg["trace_count"] = trace_count   # compilations of this call (0 when every seed was reused)
         agg["seconds_per_seed"] = [r["seconds"] for r in runs]
         results["methods"][method_name] = agg
         results["timings"][method_name] = time.perf_counter() - m_start
+    if config.worst_fraction and "no_adapt" in runs_by_method:
+        results["worst_images"] = report.worst_images(runs_by_method, "no_adapt", config.worst_fraction)
     results["timings"]["total"] = time.perf_counter() - t0
     table = _adapt_table(results)
     _write_results(workdir, results, table)
@@ -441,6 +445,9 @@ def _adapt_table(results) -> str:
     if all("round_means" in agg for agg in methods.values()):
         lines += [f"Long-term protocol ({results['config']['rounds']} rounds):", "",
                   report.rounds_table(methods), ""]
+    if "worst_images" in results:
+        lines += ["Per-image Dice (channel mean) over all target images and over the images no_adapt "
+                  "segments worst:", "", report.worst_images_table(results["worst_images"]), ""]
     if results["protocol"] == "mixed":
         lines += [f"Mixed stream: all target images shuffled with seed {results['config']['mixed_seed']}.", ""]
     lines.append(f"Source model on its own domain {results['source_domain']} (held-out, no adaptation): "

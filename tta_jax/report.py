@@ -49,6 +49,51 @@ def aggregate_method(seed_runs: list[dict], targets: list[str], channel_names) -
     return out
 
 
+def per_image_scores(seed_run: dict) -> dict:
+    """``{(domain, round, image id): channel-mean Dice}`` of one seed run (its ``per_image`` entries)."""
+    scores = {}
+    for e in seed_run["per_image"]:
+        dice = np.asarray(e["dice"], dtype=np.float64).reshape(len(e["ids"]), -1).mean(axis=1)
+        scores.update({(e["domain"], e.get("round", 0), i): float(d) for i, d in zip(e["ids"], dice)})
+    return scores
+
+
+def worst_images(runs_by_method: dict, reference: str = "no_adapt", fraction: float = 0.1) -> dict:
+    """Dice on the images the ``reference`` method segments worst (Valvano et al. report the worst 10 %).
+
+    For every method and seed: rank all target images by the reference's
+    channel-mean Dice (the seed-matched reference run; its last seed when it has
+    fewer), take the lowest ``ceil(fraction × n)`` and average the method's
+    Dice over them; also over all images.  Mean ± std over seeds.
+    """
+    if reference not in runs_by_method:
+        raise ValueError(f"worst-image report needs the reference method {reference!r} in the run")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    refs = [per_image_scores(r) for r in runs_by_method[reference]]
+    out = {"reference": reference, "fraction": fraction, "methods": {}}
+    for name, runs in runs_by_method.items():
+        worst, every = [], []
+        for s, run in enumerate(runs):
+            ref, own = refs[min(s, len(refs) - 1)], per_image_scores(run)
+            keys = sorted(ref, key=lambda k: (ref[k], str(k)))
+            chosen = keys[: int(np.ceil(fraction * len(keys)))]
+            worst.append(np.mean([own[k] for k in chosen]))
+            every.append(np.mean(list(own.values())))
+        out["n_images"] = len(chosen)
+        out["methods"][name] = {"worst": dict(zip(("mean", "std"), mean_std(worst))),
+                                "all": dict(zip(("mean", "std"), mean_std(every)))}
+    return out
+
+
+def worst_images_table(w: dict) -> str:
+    pct = f"{100 * w['fraction']:g} %"
+    rows = [f"| method | all images | worst {pct} ({w['n_images']} images, ranked by {w['reference']}) |",
+            "|---|---|---|"]
+    rows += [f"| {n} | {fmt(**m['all'])} | {fmt(**m['worst'])} |" for n, m in w["methods"].items()]
+    return "\n".join(rows)
+
+
 METRIC_LABELS = {"dice": "Dice ↑", "iou": "IoU ↑", "assd": "ASSD (px) ↓", "hd95": "HD95 (px) ↓",
                  "e_measure": "E-measure ↑", "s_measure": "S-measure ↑"}
 
