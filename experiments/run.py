@@ -387,11 +387,15 @@ def run(config, workdir: str) -> dict:
         _write_results(workdir, results, _source_table(results))
         return results
 
+    # the resolved loop form (auto → python on CPU), so runs made before ``auto`` existed resume
+    loop = default_loop() if config.loop == "auto" else config.loop
     base_fp = {"source": source_settings(config), "checkpoint": str(config.source_checkpoint),
-               "targets": targets, "protocol": config.protocol, "loop": config.loop, "loop_resolved": default_loop() if config.loop == "auto" else config.loop,
+               "targets": targets, "protocol": config.protocol, "loop": loop,
                "scan_chunk": config.scan_chunk, "target_split": target_split, "analysis": config.analysis,
                "metrics": config.metrics, "rounds": config.rounds if config.protocol == "long_term" else None,
                "mixed_seed": config.mixed_seed if config.protocol == "mixed" else None}
+    if loop == "scan" and config.scan_unroll != 1:
+        base_fp["scan_unroll"] = config.scan_unroll
     runs_by_method = {}
     for method_name in _split_list(config.methods):
         base, hparams = resolve_method(config, method_name)

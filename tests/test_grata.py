@@ -214,6 +214,7 @@ def test_nonfinite_step_keeps_state(tiny_model, tiny_variables, image):
     jax.tree.map(np.testing.assert_array_equal, new, state)
 
 
+@pytest.mark.slow   # analysis-only (Fig. 4); 33 s of the fast tier
 def test_empirical_gradient_analysis(tiny_model, tiny_variables):
     """Fig. 4 diagnostic: recorded when asked, computed from the label, and without effect on adaptation."""
     from tta_jax.data import SyntheticFundus

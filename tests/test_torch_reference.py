@@ -90,7 +90,8 @@ def test_converter_errors_and_pth_loading(pair, tmp_path):
         load_torch_state_dict(tmp_path / "bad.pth")
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
+# float64 carries the acceptance bounds; the float32 measurement is in the slow tier
+@pytest.mark.parametrize("dtype", ["float64", pytest.param("float32", marks=pytest.mark.slow)])
 def test_grata_step_equivalence(pair, stream, dtype):
     """First 3 images of a stream, strong view off: same cos/η, BN parameters and logits.
 
