@@ -23,7 +23,7 @@ def get_config(arg=None):
         methods="no_adapt,bn,tent,grata,spegc,adv_ttt", image_size=128, stream_length=12, torch=True,
         torch_threads=2, dgcs_nodes=256,
         # stream-level: loop forms and K vmapped streams, measured with loop_method ("" skips both)
-        loop_method="tent", loops=True, scan_unroll=4, streams="1,2,4"))
+        loop_method="tent", loops=True, scan_unroll=4, streams="1,2,4", stream_maps="vmap,map"))
     for variant in filter(None, (arg or "").split(",")):
         if variant == "issue8":
             c.model.backbone, c.model.width = "resnet34", 1.0

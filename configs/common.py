@@ -39,6 +39,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.seeds = 3                       # number of adaptation seeds (seed, seed+1, ...)
     c.seed = 0
     c.vmap_seeds = True               # run the seeds as one vmapped stream (one compilation)
+    c.stream_map = "vmap"             # how one step maps over the seeds: vmap | map (lax.map; see runner)
     c.shard_seeds = True              # ... with the seed axis spread over all devices (if it divides evenly)
     c.source_checkpoint = ""          # empty: train or reuse the cached source model
     c.cache_dir = "~/.cache/tta_jax"  # cached source models and XLA compilation cache

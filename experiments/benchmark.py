@@ -25,7 +25,8 @@ each timed on a second pass over the stream, after compilation:
   ``lax.scan`` over the stream, and that scan unrolled ``benchmark.scan_unroll``
   steps per iteration — seconds per image side by side;
 * throughput (``benchmark.streams``, e.g. ``1,2,4``): K independent streams
-  (seeds) in one vmapped step, total images/s against K; K = 1 is also the
+  (seeds) in one jitted step, mapped with ``jax.vmap`` and with ``lax.map``
+  (``benchmark.stream_maps``), total images/s against K; K = 1 is also the
   rate of K streams run one after another.
 
 ``benchmark.dgcs_nodes`` times SPEGC's graph solver alone (Eq. 8–14 at V
@@ -159,15 +160,15 @@ def bench_loops(method, variables, images, masks, key, unroll: int) -> dict:
     return out
 
 
-def bench_streams(method, variables, images, masks, key, ks) -> dict:
-    """Images/s of K streams in one vmapped step, for each K in ``ks``."""
+def bench_streams(method, variables, images, masks, key, ks, stream_map: str = "vmap") -> dict:
+    """Images/s of K streams in one batched step (``stream_map``: vmap or lax.map), for each K in ``ks``."""
     n, out = len(images), {}
     for k in ks:
         if k == 1:
             runner, state, keys = StreamRunner(method), method.init(variables, key), key
         else:
             keys = jax.random.split(key, k)
-            runner = StreamRunner(method, batched=True)
+            runner = StreamRunner(method, batched=True, stream_map=stream_map)
             state = jax.vmap(method.init, in_axes=(None, 0))(variables, keys)
         first, second = _stream_seconds(runner, state, images, masks, keys)
         out[str(k)] = {"first_pass_s": first, "seconds": second, "images_per_s": k * n / second}
@@ -242,7 +243,8 @@ def run_benchmark(config, workdir: str) -> dict:
         if b.streams:
             logging.info("benchmark: vmapped streams (%s)", b.loop_method)
             ks = [int(k) for k in str(b.streams).split(",") if k]
-            results["streams"] = bench_streams(method, variables, stream, masks, key, ks)
+            results["streams"] = {m: bench_streams(method, variables, stream, masks, key, ks, m)
+                                  for m in str(b.stream_maps).split(",") if m}
     if int(b.dgcs_nodes):
         results["dgcs"] = bench_dgcs(int(b.dgcs_nodes), int(config.spegc.hidden), int(config.spegc.clusters), key)
     results["process_max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -279,11 +281,15 @@ def benchmark_table(r: dict) -> str:
                   "seconds per image", "", "| loop | per image | first pass (incl. compile) |", "|---|---|---|"]
         lines += [f"| {k} | {_f(v['per_image_s'])} | {_f(v['first_pass_s'], 1)} |" for k, v in r["loops"].items()]
     if "streams" in r:
-        lines += ["", f"K independent streams in one vmapped step ({r['loop_method']}, second pass); "
-                  "K = 1 is also the rate of K streams run one after another", "",
-                  "| K | images/s | × sequential |", "|---|---|---|"]
-        lines += [f"| {k} | {v['images_per_s']:.2f} | {_f(v['speedup_vs_sequential'], 2)} |"
-                  for k, v in r["streams"].items()]
+        maps = list(r["streams"])
+        lines += ["", f"K independent streams in one jitted step ({r['loop_method']}, second pass), mapped "
+                  "with jax.vmap or lax.map; K = 1 is also the rate of K streams run one after another", "",
+                  "| K | " + " | ".join(f"{m} images/s | {m} × sequential" for m in maps) + " |",
+                  "|---|" + "---|---|" * len(maps)]
+        for k in r["streams"][maps[0]]:
+            lines.append(f"| {k} | " + " | ".join(
+                f"{r['streams'][m][k]['images_per_s']:.2f} | {_f(r['streams'][m][k]['speedup_vs_sequential'], 2)}"
+                for m in maps) + " |")
     if "dgcs" in r:
         d = r["dgcs"]
         lines += ["", f"SPEGC DGCS alone (Eq. 8–14, V = {d['nodes']} nodes, E = {d['edges']} edges, "

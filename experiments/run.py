@@ -35,7 +35,7 @@ from tta_jax.data import DATASETS, get_dataset
 from tta_jax.methods import available_methods, make_method
 from tta_jax.metrics import FULL_METRICS, domain_summary, full_metrics
 from tta_jax.models import ResUNet, init_variables
-from tta_jax.runner import LOOPS, PROTOCOLS, StreamRunner, default_loop, run_protocol, split_seeds
+from tta_jax.runner import LOOPS, PROTOCOLS, STREAM_MAPS, StreamRunner, default_loop, run_protocol, split_seeds
 from tta_jax.adversarial import train_adversarial_source
 from tta_jax.methods.adv_ttt import parse_strides
 from tta_jax.models import MaskDiscriminator
@@ -95,6 +95,8 @@ def validate_config(config) -> None:
         raise ValueError(f"unknown protocol {config.protocol!r}; choose one of {list(PROTOCOLS)}")
     if config.loop not in LOOPS:
         raise ValueError(f"unknown loop {config.loop!r}; choose one of {list(LOOPS)}")
+    if config.stream_map not in STREAM_MAPS:
+        raise ValueError(f"unknown stream_map {config.stream_map!r}; choose one of {list(STREAM_MAPS)}")
     methods = _split_list(config.methods)
     if config.mode == "adapt" and not methods:
         raise ValueError("config.methods is empty")
@@ -303,7 +305,7 @@ def run_method_seeds(config, row_name, hparams, method, variables, targets, seed
         runner = StreamRunner(method, config.loop, config.scan_chunk, scan_unroll=config.scan_unroll,
                               analysis=config.analysis,
                               keep_predictions=config.metrics == "full", batched=batched,
-                              shard=shard)
+                              shard=shard, stream_map=config.stream_map)
         common = dict(runner=runner, rounds=config.rounds, mixed_seed=config.mixed_seed)
         if batched:
             start = time.perf_counter()

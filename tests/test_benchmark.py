@@ -32,6 +32,6 @@ def test_quick_benchmark_writes_table(tmp_path):
     c.adv_ttt.n_iter, c.benchmark.streams = 2, "1,2"
     res = run(c, str(tmp_path))
     assert set(res["methods"]) == {"bn", "tent", "adv_ttt"} and (tmp_path / "benchmark.md").exists()
-    assert set(res["loops"]) == {"python", "scan", "scan_unroll4"} and set(res["streams"]) == {"1", "2"}
-    assert res["streams"]["1"]["speedup_vs_sequential"] == 1.0
+    assert set(res["loops"]) == {"python", "scan", "scan_unroll4"} and set(res["streams"]) == {"vmap", "map"}
+    assert set(res["streams"]["map"]) == {"1", "2"} and res["streams"]["vmap"]["1"]["speedup_vs_sequential"] == 1.0
     assert res["methods"]["tent"]["median_s"] > 0 and res["dgcs"]["edges"] == 32 * 32

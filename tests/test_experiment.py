@@ -47,6 +47,7 @@ def test_cli_config_errors(tmp_path):
     ("dataset", "imagenet", "unknown dataset"),
     ("protocol", "weekly", "unknown protocol"),
     ("loop", "while", "unknown loop"),
+    ("stream_map", "pmap", "unknown stream_map"),
     ("image_size", 50, "multiple of 32"),
 ])
 def test_validate_config(tmp_path, key, value, match):

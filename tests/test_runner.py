@@ -116,13 +116,13 @@ def _noisy_method(model):
     return Method("noisy", init, step)
 
 
-@pytest.mark.parametrize("loop", ["python", "scan"])
+@pytest.mark.parametrize("loop,stream_map", [("python", "vmap"), ("scan", "vmap"), ("python", "map")])
 @pytest.mark.parametrize("protocol", ["continual", "per_target", "mixed"])
-def test_vmapped_seeds_route_keys_and_states(tiny_model, tiny_variables, targets, loop, protocol):
+def test_vmapped_seeds_route_keys_and_states(tiny_model, tiny_variables, targets, loop, stream_map, protocol):
     from tta_jax.runner import split_seeds
     method = _noisy_method(tiny_model)
     keys = jnp.stack([jax.random.PRNGKey(s) for s in (0, 1, 2)])
-    batched = StreamRunner(method, loop, scan_chunk=2, batched=True)
+    batched = StreamRunner(method, loop, scan_chunk=2, batched=True, stream_map=stream_map)
     per_seed = split_seeds(run_protocol(method, tiny_variables, targets, protocol, keys, runner=batched)[0], 3)
     single = StreamRunner(method, loop, scan_chunk=2)
     for s in range(3):

@@ -46,6 +46,7 @@ from tta_jax.methods.base import Method
 
 PROTOCOLS = ("per_target", "continual", "long_term", "mixed", "episodic")
 LOOPS = ("auto", "python", "scan")
+STREAM_MAPS = ("vmap", "map")
 
 
 def default_loop(backend: str | None = None) -> str:
@@ -94,6 +95,13 @@ class StreamRunner:
     ``trace_count`` counts how often the step was traced (= compiled); it
     stays 1 across streams and targets of one shape.
 
+    ``stream_map`` says how a batched step maps over the streams: ``vmap``
+    (one batched program; the per-stream weights turn every convolution into a
+    grouped convolution, which GPUs/TPUs run well but XLA:CPU ran 2.9× slower
+    per image than one stream for GraTa at ResNet-34/256², see the benchmark)
+    or ``map`` (``lax.map``: the streams one after another inside the same
+    jitted step — one dispatch, ordinary convolutions).
+
     ``batched=True`` runs S independent streams (seeds) at once: states and
     RNG keys carry a leading seed axis, images are shared, and the step is
     ``jax.vmap``-ed over the seeds inside one jitted function.  Outputs then
@@ -103,12 +111,15 @@ class StreamRunner:
 
     def __init__(self, method: Method, loop: str = "auto", scan_chunk: int = 16, analysis: bool = False,
                  keep_predictions: bool = False, batched: bool = False, shard: bool = False,
-                 scan_unroll: int = 1):
+                 scan_unroll: int = 1, stream_map: str = "vmap"):
         if loop not in LOOPS:
             raise ValueError(f"unknown loop {loop!r}; choose one of {list(LOOPS)}")
         if int(scan_chunk) < 1 or int(scan_unroll) < 1:
             raise ValueError(f"scan_chunk and scan_unroll must be >= 1, got {scan_chunk}, {scan_unroll}")
+        if stream_map not in STREAM_MAPS:
+            raise ValueError(f"unknown stream_map {stream_map!r}; choose one of {list(STREAM_MAPS)}")
         loop = default_loop() if loop == "auto" else loop
+        self.stream_map = stream_map
         self.method, self.loop, self.scan_chunk, self.scan_unroll = method, loop, int(scan_chunk), int(scan_unroll)
         self.keep_predictions, self.batched = keep_predictions, batched
         # shard: spread the batched streams over all devices (tta_jax.sharding)
@@ -127,8 +138,12 @@ class StreamRunner:
                 info["_prob_u8"] = jnp.round(jax.nn.sigmoid(logits[0]) * 255).astype(jnp.uint8)
             return state, dice_per_channel(logits, mask[None])[0], info
 
-        if batched:
+        if batched and stream_map == "vmap":
             scored_step = jax.vmap(scored_step, in_axes=(0, None, None, 0))
+        elif batched:
+            one_stream = scored_step
+            scored_step = lambda state, image, mask, keys: jax.lax.map(
+                lambda sk: one_stream(sk[0], image, mask, sk[1]), (state, keys))
         if self.shard:
             from tta_jax.sharding import shard_map_streams
             scored_step = shard_map_streams(scored_step)
