@@ -29,6 +29,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.target_domains = ""             # comma-separated; empty = every other domain
     c.image_size = 64
     c.protocol = "per_target"         # per_target | continual | long_term | mixed | episodic
+    c.max_target_images = 0           # >0: that many evenly spaced images of each target (see run.subsample_stream)
     c.rounds = 5                      # long_term: passes over the target sequence
     c.mixed_seed = 2026               # mixed: permutation seed of the shuffled stream
     c.worst_fraction = 0.1            # report Dice on the worst-segmented 10 % (by no_adapt); 0: off
@@ -65,7 +66,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.tent = ml_collections.ConfigDict(dict(lr=1e-3, b1=0.9, b2=0.999, steps=1))
     c.grata = ml_collections.ConfigDict(dict(
         lr=1e-4, b1=0.9, b2=0.999, lr_schedule="dynamic", lr_map="quadratic", lookahead=True,
-        pseudo="consistency", auxiliary="entropy", denoise_std=1.0,
+        pseudo="consistency", auxiliary="entropy", denoise_std=1.0, views_map="vmap",
         strong=ml_collections.ConfigDict(STRONG_AUGMENT)))
     # SPEGC (paper §4.2 settings; lr 0.005 fundus, 0.01 polyp): see tta_jax/methods/spegc.py.
     c.spegc = ml_collections.ConfigDict(dict(SPEGC_DEFAULTS))

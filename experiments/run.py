@@ -31,7 +31,7 @@ import numpy as np
 from absl import logging
 
 from tta_jax import checkpoints, report
-from tta_jax.data import DATASETS, get_dataset
+from tta_jax.data import DATASETS, DomainData, get_dataset
 from tta_jax.methods import available_methods, make_method
 from tta_jax.metrics import FULL_METRICS, domain_summary, full_metrics
 from tta_jax.models import ResUNet, init_variables
@@ -111,6 +111,8 @@ def validate_config(config) -> None:
                              "set --config.source.adversarial=True (configs/adv_ttt.py does)")
     if config.image_size < 32 or config.image_size % 32:
         raise ValueError(f"image_size must be a positive multiple of 32, got {config.image_size}")
+    if config.max_target_images < 0:
+        raise ValueError(f"max_target_images must be >= 0 (0: every image), got {config.max_target_images}")
     if config.seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {config.seeds}")
     if config.metrics not in METRIC_SETS:
@@ -133,6 +135,21 @@ def make_dataset(config):
     elif config.dataset not in ("folders",):
         kwargs = dict(tfds_dir=config.tfds_dir, image_size=config.image_size, normalisation=config.normalisation)
     return get_dataset(config.dataset, config.data_dir, **kwargs)
+
+
+def subsample_stream(data: DomainData, max_images: int) -> DomainData:
+    """At most ``max_images`` images of a target stream, evenly spaced and in stream order (0: all).
+
+    For methods too costly to run on a whole target on a CPU (adv_ttt tunes Ω for 50
+    steps per image). Evenly spaced rather than a prefix: consecutive frames of a
+    centre often come from one video (CVC-ClinicDB), so a prefix would see a few
+    patients only. Every method of a run sees the same images; their ids are
+    recorded in ``results.json`` (``stream_ids``).
+    """
+    if not max_images or max_images >= data.size:
+        return data
+    keep = np.unique(np.linspace(0, data.size - 1, int(max_images)).round().astype(int))
+    return DomainData(data.name, data.images[keep], data.masks[keep], tuple(data.ids[i] for i in keep))
 
 
 def resolve_domains(config, dataset) -> tuple[str, list[str]]:
@@ -370,7 +387,8 @@ def run(config, workdir: str) -> dict:
     # Targets use every image (GraTa: train + test of a target); the synthetic
     # benchmark's held-out part keeps CPU runs short.
     target_split = "all" if config.dataset != "synthetic_fundus" else "test"
-    target_data = [_Named(dataset.load(t, target_split, config.image_size), channel_names) for t in targets]
+    target_data = [_Named(subsample_stream(dataset.load(t, target_split, config.image_size),
+                                           config.max_target_images), channel_names) for t in targets]
     for t in target_data:
         if t.size == 0:
             raise ValueError(f"target domain {t.name!r} is empty")
@@ -396,6 +414,8 @@ def run(config, workdir: str) -> dict:
                "scan_chunk": config.scan_chunk, "target_split": target_split, "analysis": config.analysis,
                "metrics": config.metrics, "rounds": config.rounds if config.protocol == "long_term" else None,
                "mixed_seed": config.mixed_seed if config.protocol == "mixed" else None}
+    if config.max_target_images:
+        base_fp["max_target_images"] = config.max_target_images
     if loop == "scan" and config.scan_unroll != 1:
         base_fp["scan_unroll"] = config.scan_unroll
     runs_by_method = {}

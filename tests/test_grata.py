@@ -279,3 +279,13 @@ def test_auxiliary_inputs_and_losses():
     assert float(auxiliary_loss("rotation", logits, None, jnp.array([2]))) == pytest.approx(np.log(6))
     out = jnp.zeros((1, 4, 4, 3))
     assert float(auxiliary_loss("reconstruction", out, jnp.ones((1, 4, 4, 3)))) == pytest.approx(0.25)
+
+
+def test_teacher_views_map_equals_vmap(tiny_model, tiny_variables, image):
+    """``views_map=map`` (one view at a time, less memory) gives the vmapped teacher's numbers."""
+    from tta_jax.methods.grata import teacher_prediction
+    args = (tiny_model, tiny_variables["params"], tiny_variables["batch_stats"], image)
+    np.testing.assert_allclose(jax.jit(lambda: teacher_prediction(*args, views_map="map"))(),
+                               jax.jit(lambda: teacher_prediction(*args, views_map="vmap"))(), atol=2e-5)
+    with pytest.raises(ValueError, match="views_map"):
+        teacher_prediction(*args, views_map="pmap")

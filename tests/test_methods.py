@@ -106,3 +106,21 @@ def test_step_rejects_bad_rank(tiny_model, tiny_variables, name):
     m = make_method(name, tiny_model)
     with pytest.raises(ValueError, match=r"\[B, H, W, 3\]"):
         m.step(m.init(tiny_variables, None), jnp.ones((32, 32, 3)), None)
+
+
+def test_keep_if_finite_checks_every_changed_leaf():
+    """Small and large leaves are checked; only leaves passed through unchanged are skipped."""
+    from tta_jax.methods.base import keep_if_finite
+
+    def guarded(new_small, new_large):
+        old = {"small": jnp.zeros(3), "large": jnp.zeros(70_000), "frozen": jnp.ones(5)}
+        new = {"small": new_small, "large": new_large, "frozen": old["frozen"]}
+        return jax.jit(lambda: keep_if_finite(new, old))()
+
+    ok_state, ok = guarded(jnp.ones(3), jnp.ones(70_000))
+    assert bool(ok) and float(ok_state["small"][0]) == 1.0
+    for small, large in [(jnp.array([1.0, jnp.nan, 1.0]), jnp.ones(70_000)),
+                         (jnp.ones(3), jnp.ones(70_000).at[-1].set(jnp.inf))]:
+        state, ok = guarded(small, large)
+        assert not bool(ok)
+        assert float(state["small"][1]) == 0.0 and float(state["large"][-1]) == 0.0

@@ -53,3 +53,43 @@ def test_init_is_deterministic(tiny_model):
     a = init_variables(tiny_model, jax.random.PRNGKey(3), 32)
     b = init_variables(tiny_model, jax.random.PRNGKey(3), 32)
     jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def _same_init_and_output(ours, flax_module, x):
+    """Same parameter tree and initial values, and the same outputs with non-trivial parameters."""
+    v_ours = ours.init(jax.random.PRNGKey(3), x)
+    v_flax = flax_module.init(jax.random.PRNGKey(3), x)
+    assert jax.tree.structure(v_ours) == jax.tree.structure(v_flax)
+    for a, b in zip(jax.tree.leaves(v_ours), jax.tree.leaves(v_flax)):
+        assert a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+    v = jax.tree.map(lambda p: p + jax.random.normal(jax.random.PRNGKey(7), p.shape), v_flax)
+    np.testing.assert_allclose(ours.apply(v, x), flax_module.apply(v, x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("features", [5, 2])
+def test_upconv_equals_flax_conv_transpose(features):
+    """The matmul form of the 2×2/2 transposed convolution is the Flax module, kernel orientation included."""
+    import flax.linen as nn
+    from tta_jax.models.resunet import UpConv2x
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 5, 4))
+    _same_init_and_output(UpConv2x(features), nn.ConvTranspose(features, (2, 2), strides=(2, 2), padding="VALID"), x)
+
+
+@pytest.mark.parametrize("strides,use_bias", [(1, True), (2, False), (2, True)])
+def test_conv1x1_equals_flax_conv(strides, use_bias):
+    import flax.linen as nn
+    from tta_jax.models.resunet import Conv1x1
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 7, 4))
+    _same_init_and_output(Conv1x1(3, strides, use_bias), nn.Conv(3, (1, 1), strides, use_bias=use_bias), x)
+
+
+def test_max_pool_equals_flax_max_pool():
+    import flax.linen as nn
+    from tta_jax.models.resunet import max_pool_3x3_s2
+    pool = lambda x: nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    for shape in [(2, 16, 16, 3), (1, 15, 9, 2)]:
+        x = jax.random.normal(jax.random.PRNGKey(1), shape)
+        np.testing.assert_array_equal(max_pool_3x3_s2(x), pool(x))
+        grad = lambda f: jax.grad(lambda x: jnp.sum(jnp.sin(f(x))))(x)
+        np.testing.assert_allclose(grad(max_pool_3x3_s2), grad(pool), atol=1e-6)
