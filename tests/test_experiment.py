@@ -49,12 +49,24 @@ def test_cli_config_errors(tmp_path):
     ("loop", "while", "unknown loop"),
     ("stream_map", "pmap", "unknown stream_map"),
     ("image_size", 50, "multiple of 32"),
+    ("max_target_images", -1, "max_target_images must be >= 0"),
 ])
 def test_validate_config(tmp_path, key, value, match):
     c = tiny_config(tmp_path)
     c[key] = value
     with pytest.raises(ValueError, match=match):
         validate_config(c)
+
+
+def test_subsample_stream_evenly_spaced_in_order():
+    from experiments.run import subsample_stream
+    from tta_jax.data import DomainData
+    n = 10
+    data = DomainData("X", np.arange(n, dtype=np.float32)[:, None, None, None], np.zeros((n, 1, 1, 1), np.uint8),
+                      tuple(f"im{i}" for i in range(n)))
+    sub = subsample_stream(data, 4)
+    assert sub.ids == ("im0", "im3", "im6", "im9") and sub.images[:, 0, 0, 0].tolist() == [0, 3, 6, 9]
+    assert subsample_stream(data, 0) is data and subsample_stream(data, 10) is data
 
 
 def test_bad_domains_and_missing_folder(tmp_path):

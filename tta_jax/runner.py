@@ -149,6 +149,11 @@ class StreamRunner:
             scored_step = shard_map_streams(scored_step)
         self._scored_step = scored_step
         self._jit_step = jax.jit(scored_step)
+        # The python loop donates the carried state (XLA writes the new state into its buffers:
+        # one state in memory instead of two, which matters for large models on accelerators;
+        # no measurable change in speed on the 2-core CPU). Episodic streams restart every step
+        # from the initial state, which must survive, so they use the plain step.
+        self._jit_step_donating = jax.jit(scored_step, donate_argnums=0)
         self._jit_chunk = jax.jit(self._chunk, static_argnames=("episodic",))
 
     def _chunk(self, state, init_state, images, masks, keys, valid, episodic: bool):
@@ -180,9 +185,15 @@ class StreamRunner:
         init_state = state
         if self.loop == "python":
             dices, infos = [], []
+            # one transfer of the stream instead of one blocking host→device copy per step
+            # (uncommitted arrays: the sharded step may still place them)
+            images_dev, masks_dev, keys_dev = jax.device_put((list(images), list(masks), list(keys)))
+            if not episodic:
+                state = jax.tree.map(jnp.copy, state)   # donated below: the caller's state stays valid
+            step = self._jit_step if episodic else self._jit_step_donating
             for i in range(n):
                 start = init_state if episodic else state
-                state, dice, info = self._jit_step(start, images[i], masks[i], keys[i])
+                state, dice, info = step(start, images_dev[i], masks_dev[i], keys_dev[i])
                 dices.append(dice)
                 infos.append(info)
                 if progress:
