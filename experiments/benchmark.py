@@ -9,7 +9,8 @@ configured backbone/width, ``benchmark.image_size``², batch 1):
   the persistent cache);
 * first-image latency (the first call of the compiled step) and the
   steady-state time per image (median over ``benchmark.stream_length`` images
-  of one stream, adaptation step + prediction, synchronised per image);
+  of one stream, adaptation step + prediction, synchronised per image; JAX and
+  PyTorch take turns image by image, so load changes hit both alike);
 * memory: XLA's buffer sizes of the compiled step (arguments, outputs,
   temporaries) and, on GPU/TPU, the device's peak bytes in use;
 * the eager PyTorch reference (``tent``, ``grata``; needs torch) on the same
@@ -98,7 +99,8 @@ def break_even(jax_total_first: float, jax_median: float, torch_first: float, to
     return 1 + math.ceil((jax_total_first - torch_first) / (torch_median - jax_median))
 
 
-def bench_method(name, model, variables, hparams, images, key) -> dict:
+def bench_method(name, model, variables, hparams, images, key) -> tuple[dict, object]:
+    """Compile times, first image and memory of ``name``; and a ``step(i)`` for :func:`steady_state`."""
     method = make_method(name, model, hparams)
     state = method.init(variables, key)
     keys = jax.random.split(key, len(images))
@@ -110,17 +112,30 @@ def bench_method(name, model, variables, hparams, images, key) -> dict:
     jax.clear_caches()
     warm, _ = aot_times(method.step, state, images[0], keys[0])
     st, first = _timed(lambda: _block(compiled(state, images[0], keys[0])))
-    st = st[0]
-    per_image = []
-    for i in range(1, len(images)):
-        t0 = time.perf_counter()
-        st, logits, info = _block(compiled(st, images[i], keys[i]))
-        per_image.append(time.perf_counter() - t0)
-    return {"cold": cold, "warm": warm, "first_image_s": first, "median_s": float(np.median(per_image)),
-            "memory": memory_of(compiled), "device_peak_mb": device_peak_mb()}
+    carry = {"state": st[0]}
+
+    def step(i):
+        carry["state"] = _block(compiled(carry["state"], images[i], keys[i]))[0]
+
+    return {"cold": cold, "warm": warm, "first_image_s": first,
+            "memory": memory_of(compiled), "device_peak_mb": device_peak_mb()}, step
 
 
-def bench_torch(name, config, images_np) -> dict | None:
+def steady_state(steps: dict, n: int) -> dict:
+    """Median seconds per image of each ``steps[name](i)`` over images 1..n−1, interleaved.
+
+    The steps take turns image by image (JAX, PyTorch, JAX, ...) so that a
+    change in the machine's load during the run hits every contender alike:
+    their ratio is what this benchmark reports.
+    """
+    times = {name: [] for name in steps}
+    for i in range(1, n):
+        for name, step in steps.items():
+            times[name].append(_timed(lambda: step(i))[1])
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def bench_torch(name, config, images_np) -> tuple[dict, object] | None:
     try:
         import torch
         from experiments import torch_reference as ref
@@ -135,8 +150,7 @@ def bench_torch(name, config, images_np) -> dict | None:
     step = (lambda x: ref.grata_step(model, opt, x)) if name == "grata" else (lambda x: ref.tent_step(model, opt, x))
     xs = [torch.from_numpy(np.ascontiguousarray(im.transpose(0, 3, 1, 2))) for im in images_np]
     _, first = _timed(lambda: step(xs[0]))
-    times = [_timed(lambda x=x: step(x))[1] for x in xs[1:]]
-    return {"first_image_s": first, "median_s": float(np.median(times)), "threads": int(b.torch_threads)}
+    return {"first_image_s": first, "threads": int(b.torch_threads)}, lambda i: step(xs[i])
 
 
 def _stream_seconds(runner: StreamRunner, state, images, masks, keys) -> tuple[float, float]:
@@ -220,15 +234,21 @@ def run_benchmark(config, workdir: str) -> dict:
     for name in methods:
         base, hparams = resolve_method(config, name)
         logging.info("benchmark: %s", name)
-        row = bench_method(base, model, variables, hparams, images, key)
+        row, jax_step = bench_method(base, model, variables, hparams, images, key)
+        steps = {"jax": jax_step}
         if base in TORCH_METHODS and b.torch:
-            row["torch"] = bench_torch(base, config, images_np)
-            if row["torch"]:
-                t = row["torch"]
-                row["ratio_torch_over_jax"] = t["median_s"] / row["median_s"]
-                row["break_even_images"] = break_even(
-                    row["cold"]["trace_s"] + row["cold"]["lower_s"] + row["cold"]["compile_s"] + row["first_image_s"],
-                    row["median_s"], t["first_image_s"], t["median_s"])
+            torch_row = bench_torch(base, config, images_np)
+            if torch_row:
+                row["torch"], steps["torch"] = torch_row
+        medians = steady_state(steps, len(images))
+        row["median_s"] = medians["jax"]
+        if "torch" in medians:
+            t = row["torch"]
+            t["median_s"] = medians["torch"]
+            row["ratio_torch_over_jax"] = t["median_s"] / row["median_s"]
+            row["break_even_images"] = break_even(
+                row["cold"]["trace_s"] + row["cold"]["lower_s"] + row["cold"]["compile_s"] + row["first_image_s"],
+                row["median_s"], t["first_image_s"], t["median_s"])
         results["methods"][name] = row
         logging.info("benchmark %s: %s", name, json.dumps(row))
     masks = (rng.uniform(size=(len(images_np), size, size, 2)) > 0.5).astype(np.uint8)
