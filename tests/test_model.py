@@ -93,3 +93,18 @@ def test_max_pool_equals_flax_max_pool():
         np.testing.assert_array_equal(max_pool_3x3_s2(x), pool(x))
         grad = lambda f: jax.grad(lambda x: jnp.sum(jnp.sin(f(x))))(x)
         np.testing.assert_allclose(grad(max_pool_3x3_s2), grad(pool), atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,k,strides", [((1, 16, 16, 4), 3, 1), ((2, 16, 16, 4), 3, 2),
+                                             ((1, 15, 17, 3), 7, 2), ((1, 15, 15, 2), 5, 1)])
+def test_conv_equals_flax_conv_with_gradients(shape, k, strides):
+    """:class:`Conv` (hand-written input gradient) is ``nn.Conv``: init, values, input and kernel gradients."""
+    import flax.linen as nn
+    from tta_jax.models.resunet import Conv
+    x = jax.random.normal(jax.random.PRNGKey(0), shape)
+    ours, ref = Conv(5, k, strides), nn.Conv(5, (k, k), strides, padding=[(k // 2, k // 2)] * 2)
+    _same_init_and_output(ours, ref, x)
+    v = ref.init(jax.random.PRNGKey(3), x)
+    grads = [jax.grad(lambda v, x: jnp.sum(jnp.sin(m.apply(v, x))), (0, 1))(v, x) for m in (ours, ref)]
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)

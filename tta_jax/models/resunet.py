@@ -60,9 +60,9 @@ class BasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         residual = x
-        y = nn.Conv(self.features, (3, 3), self.strides, padding=_pad(3), use_bias=False, name="conv1")(x)
+        y = Conv(self.features, 3, self.strides, use_bias=False, name="conv1")(x)
         y = nn.relu(BatchNorm(use_running_average=not train, name="bn1")(y))
-        y = nn.Conv(self.features, (3, 3), padding=_pad(3), use_bias=False, name="conv2")(y)
+        y = Conv(self.features, 3, use_bias=False, name="conv2")(y)
         y = BatchNorm(use_running_average=not train, name="bn2")(y)
         if residual.shape != y.shape:
             residual = Conv1x1(self.features, self.strides, use_bias=False, name="downsample_conv")(residual)
@@ -81,7 +81,7 @@ class BottleneckBlock(nn.Module):
         y = Conv1x1(self.features, use_bias=False, name="conv1")(x)
         y = nn.relu(BatchNorm(use_running_average=not train, name="bn1")(y))
         # torchvision's ResNet-50 (v1.5) strides in the 3×3 conv.
-        y = nn.Conv(self.features, (3, 3), self.strides, padding=_pad(3), use_bias=False, name="conv2")(y)
+        y = Conv(self.features, 3, self.strides, use_bias=False, name="conv2")(y)
         y = nn.relu(BatchNorm(use_running_average=not train, name="bn2")(y))
         y = Conv1x1(self.features * 4, use_bias=False, name="conv3")(y)
         y = BatchNorm(use_running_average=not train, name="bn3")(y)
@@ -89,6 +89,67 @@ class BottleneckBlock(nn.Module):
             residual = Conv1x1(self.features * 4, self.strides, use_bias=False, name="downsample_conv")(residual)
             residual = BatchNorm(use_running_average=not train, name="downsample_bn")(residual)
         return nn.relu(y + residual)
+
+
+_DIMS = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv(x, kernel, strides: int, pad: int):
+    return jax.lax.conv_general_dilated(x, kernel, (strides, strides), [(pad, pad), (pad, pad)],
+                                        dimension_numbers=_DIMS)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv_same(x, kernel, strides: int, pad: int):
+    """A square convolution (NHWC/HWIO, symmetric ``pad``) whose input gradient is spelled out.
+
+    The input gradient is the convolution of the (dilated, for ``strides`` > 1)
+    output gradient with the spatially flipped, in/out-swapped kernel — written
+    here as an explicit transpose, which XLA:CPU materialises once and hands to
+    its fast convolution library; left to autodiff it keeps the swapped kernel
+    layout and falls back to a slow generic convolution (TENT step, ResNet-34
+    at 256²: 270 of its 600 ms). Values and gradients equal autodiff's
+    (``tests/test_model.py``).
+    """
+    return _conv(x, kernel, strides, pad)
+
+
+def _conv_same_fwd(x, kernel, strides, pad):
+    return _conv(x, kernel, strides, pad), (x, kernel)
+
+
+def _conv_same_bwd(strides, pad, residuals, dy):
+    x, kernel = residuals
+    k = kernel.shape[0]
+    flipped = jnp.transpose(jnp.flip(kernel, (0, 1)), (0, 1, 3, 2))
+    pads = [(k - 1 - pad, k - 1 - pad + (n + 2 * pad - k) % strides) for n in x.shape[1:3]]
+    dx = jax.lax.conv_general_dilated(dy, flipped, (1, 1), pads, lhs_dilation=(strides, strides),
+                                      dimension_numbers=_DIMS)
+    _, kernel_vjp = jax.vjp(lambda kk: _conv(x, kk, strides, pad), kernel)
+    return dx, kernel_vjp(dy)[0]
+
+
+conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
+
+
+class Conv(nn.Module):
+    """``nn.Conv(features, (k, k), strides, padding=k // 2)`` through :func:`conv_same`; same parameters."""
+
+    features: int
+    kernel_size: int
+    strides: int = 1
+    use_bias: bool = True
+    kernel_init: Any = nn.initializers.lecun_normal()
+    bias_init: Any = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x):
+        k = self.kernel_size
+        kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
+        y = conv_same(x, kernel, self.strides, k // 2)
+        if self.use_bias:
+            y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32)
+        return y
 
 
 def max_pool_3x3_s2(x):
@@ -269,7 +330,7 @@ class ResUNet(nn.Module):
         block = BasicBlock if kind == "basic" else BottleneckBlock
         c = functools.partial(_channels, width=self.width)
 
-        x = nn.Conv(c(64), (7, 7), (2, 2), padding=_pad(7), use_bias=False, name="conv1")(x)
+        x = Conv(c(64), 7, 2, use_bias=False, name="conv1")(x)
         x = nn.relu(BatchNorm(use_running_average=not train, name="bn1")(x))
         skips = [x]
         x = max_pool_3x3_s2(x)
@@ -309,9 +370,9 @@ class ResUNet(nn.Module):
         h = upsample2x_align_corners(h)
         if name != "super_resolution":
             return Conv1x1(3, name=f"{prefix}_head")(h)
-        h = jnp.tanh(nn.Conv(c(32), (5, 5), padding=_pad(5), name="supres_head_0")(h))
-        h = jnp.tanh(nn.Conv(c(32), (3, 3), padding=_pad(3), name="supres_head_2")(h))
-        h = nn.Conv(3 * self.sr_factor**2, (3, 3), padding=_pad(3), name="supres_head_4")(h)
+        h = jnp.tanh(Conv(c(32), 5, name="supres_head_0")(h))
+        h = jnp.tanh(Conv(c(32), 3, name="supres_head_2")(h))
+        h = Conv(3 * self.sr_factor**2, 3, name="supres_head_4")(h)
         return pixel_shuffle(h, self.sr_factor)
 
 
