@@ -52,7 +52,7 @@ from tta_jax import checkpoints
 from tta_jax.graph_clustering import SinkhornHParams, refined_graph
 from tta_jax.methods import make_method
 from tta_jax.models import ResUNet, init_variables
-from tta_jax.runner import StreamRunner
+from tta_jax.runner import StreamRunner, init_streams
 
 TORCH_METHODS = ("tent", "grata")
 
@@ -183,7 +183,7 @@ def bench_streams(method, variables, images, masks, key, ks, stream_map: str = "
         else:
             keys = jax.random.split(key, k)
             runner = StreamRunner(method, batched=True, stream_map=stream_map)
-            state = jax.vmap(method.init, in_axes=(None, 0))(variables, keys)
+            state = init_streams(method, variables, keys)
         first, second = _stream_seconds(runner, state, images, masks, keys)
         out[str(k)] = {"first_pass_s": first, "seconds": second, "images_per_s": k * n / second}
     base = out.get("1", {}).get("images_per_s")

@@ -99,8 +99,11 @@ def test_long_term_and_mixed(tent, tiny_variables, targets):
         run_protocol(tent, tiny_variables, targets, "long_term", key, runner=runner, rounds=0)
 
 
-def _noisy_method(model):
-    """A cheap stateful method whose step uses its key: the running shift is a sum of draws."""
+def _noisy_method(model, shared_weights=False):
+    """A cheap stateful method whose step uses its key: the running shift is a sum of draws.
+
+    ``shared_weights``: the streams of a batch share one copy of the weights (``stream_axes``).
+    """
     from tta_jax.bn import forward_source_stats
     from tta_jax.methods.base import Method
 
@@ -113,14 +116,31 @@ def _noisy_method(model):
                                       images) + shift
         return {**state, "shift": shift}, logits, {"shift": shift}
 
-    return Method("noisy", init, step)
+    return Method("noisy", init, step, stream_axes={"variables": None, "shift": 0} if shared_weights else 0)
 
 
 @pytest.mark.parametrize("loop,stream_map", [("python", "vmap"), ("scan", "vmap"), ("python", "map")])
 @pytest.mark.parametrize("protocol", ["continual", "per_target", "mixed"])
 def test_vmapped_seeds_route_keys_and_states(tiny_model, tiny_variables, targets, loop, stream_map, protocol):
+    _check_batched_seeds(_noisy_method(tiny_model), tiny_variables, targets, loop, stream_map, protocol)
+
+
+@pytest.mark.parametrize("loop,stream_map", [("python", "vmap"), ("scan", "vmap"), ("python", "map")])
+def test_batched_seeds_share_declared_state(tiny_model, tiny_variables, targets, loop, stream_map):
+    """Leaves declared shared (stream_axes None) stay one unbatched copy, and results are unchanged."""
+    from tta_jax.runner import init_streams
+    method = _noisy_method(tiny_model, shared_weights=True)
+    state = init_streams(method, tiny_variables, jnp.stack([jax.random.PRNGKey(s) for s in (0, 1, 2)]))
+    assert state["shift"].shape == (3,)
+    assert state["variables"]["params"]["conv1"]["kernel"].shape == tiny_variables["params"]["conv1"]["kernel"].shape
+    runner = StreamRunner(method, loop, scan_chunk=2, batched=True, stream_map=stream_map)
+    new, _, _ = runner.run_stream(state, targets[0].images, targets[0].masks, jnp.stack([jax.random.PRNGKey(s) for s in (0, 1, 2)]))
+    assert new["variables"]["params"]["conv1"]["kernel"].shape == tiny_variables["params"]["conv1"]["kernel"].shape
+    _check_batched_seeds(method, tiny_variables, targets, loop, stream_map, "continual")
+
+
+def _check_batched_seeds(method, tiny_variables, targets, loop, stream_map, protocol):
     from tta_jax.runner import split_seeds
-    method = _noisy_method(tiny_model)
     keys = jnp.stack([jax.random.PRNGKey(s) for s in (0, 1, 2)])
     batched = StreamRunner(method, loop, scan_chunk=2, batched=True, stream_map=stream_map)
     per_seed = split_seeds(run_protocol(method, tiny_variables, targets, protocol, keys, runner=batched)[0], 3)

@@ -32,10 +32,13 @@ SCRIPT = textwrap.dedent("""
         raise SystemExit("3 streams over 4 devices must be refused")
     except ValueError as err:
         assert "do not split evenly" in str(err), err
-    # streams must differ (tent ignores its key), so each starts from its own perturbed weights
-    init = jax.vmap(method.init, in_axes=(None, 0))(variables, keys)
+    # streams must differ (tent ignores its key), so each starts from its own perturbed BN affine
+    # parameters; the frozen weights are one copy shared by all streams (Method.stream_axes)
+    from tta_jax.runner import init_streams
+    init = init_streams(method, variables, keys)
+    assert init.frozen_params["conv1"]["kernel"].ndim == 4 and init.bn_params["bn1"]["scale"].shape[0] == 4
     scale = lambda x: (x * (1 + 0.05 * np.arange(4).reshape((4,) + (1,) * (x.ndim - 1)))).astype(x.dtype)
-    init = jax.tree.map(lambda x: scale(x) if np.issubdtype(x.dtype, np.floating) else x, init)
+    init = init._replace(bn_params=jax.tree.map(scale, init.bn_params))
     images = np.concatenate([t.images for t in targets])
     masks = np.concatenate([t.masks for t in targets])
     out = {}

@@ -42,7 +42,7 @@ import numpy as np
 from absl import logging
 
 from tta_jax.metrics import dice_per_channel
-from tta_jax.methods.base import Method
+from tta_jax.methods.base import Method, shared_leaves
 
 PROTOCOLS = ("per_target", "continual", "long_term", "mixed", "episodic")
 LOOPS = ("auto", "python", "scan")
@@ -96,11 +96,13 @@ class StreamRunner:
     stays 1 across streams and targets of one shape.
 
     ``stream_map`` says how a batched step maps over the streams: ``vmap``
-    (one batched program; the per-stream weights turn every convolution into a
-    grouped convolution, which GPUs/TPUs run well but XLA:CPU ran 2.9× slower
-    per image than one stream for GraTa at ResNet-34/256², see the benchmark)
-    or ``map`` (``lax.map``: the streams one after another inside the same
-    jitted step — one dispatch, ordinary convolutions).
+    (one batched program) or ``map`` (``lax.map``: the streams one after
+    another inside the same jitted step). State leaves that the method
+    declares shared (``Method.stream_axes`` None: frozen weights, source
+    statistics) stay one unbatched copy, so vmapped convolutions stay ordinary
+    batched convolutions; per-stream weights (SPEGC adapts every weight) turn
+    them into grouped convolutions, which XLA:CPU runs slowly (benchmark mode
+    measures both maps).
 
     ``batched=True`` runs S independent streams (seeds) at once: states and
     RNG keys carry a leading seed axis, images are shared, and the step is
@@ -138,15 +140,14 @@ class StreamRunner:
                 info["_prob_u8"] = jnp.round(jax.nn.sigmoid(logits[0]) * 255).astype(jnp.uint8)
             return state, dice_per_channel(logits, mask[None])[0], info
 
+        axes = self.state_axes = method.stream_axes
         if batched and stream_map == "vmap":
-            scored_step = jax.vmap(scored_step, in_axes=(0, None, None, 0))
+            scored_step = jax.vmap(scored_step, in_axes=(axes, None, None, 0), out_axes=(axes, 0, 0))
         elif batched:
-            one_stream = scored_step
-            scored_step = lambda state, image, mask, keys: jax.lax.map(
-                lambda sk: one_stream(sk[0], image, mask, sk[1]), (state, keys))
+            scored_step = _map_streams(scored_step, axes)
         if self.shard:
             from tta_jax.sharding import shard_map_streams
-            scored_step = shard_map_streams(scored_step)
+            scored_step = shard_map_streams(scored_step, axes)
         self._scored_step = scored_step
         self._jit_step = jax.jit(scored_step)
         # The python loop donates the carried state (XLA writes the new state into its buffers:
@@ -180,7 +181,7 @@ class StreamRunner:
         if self.shard:
             # inputs placed as the sharded step's outputs are, so step 2 does not recompile
             from tta_jax.sharding import shard_streams
-            state = shard_streams(state)
+            state = shard_streams(state, stream_axes=self.state_axes)
             keys = shard_streams(keys, axis=1)
         init_state = state
         if self.loop == "python":
@@ -218,6 +219,34 @@ class StreamRunner:
         dice = np.concatenate(dices) if dices else np.zeros((0, masks.shape[-1]))
         info = {k: np.concatenate([d[k] for d in infos]) for k in (infos[0] if infos else {})}
         return state, dice, info
+
+
+def init_streams(method: Method, variables, keys: jax.Array):
+    """Initial state of ``len(keys)`` independent streams, laid out as ``method.stream_axes`` says."""
+    return jax.vmap(method.init, in_axes=(None, 0), out_axes=method.stream_axes)(variables, keys)
+
+
+def _map_streams(one_stream, stream_axes):
+    """``one_stream`` over the streams one after another with ``lax.map``; shared state leaves pass by."""
+
+    def mapped(state, image, mask, keys):
+        leaves, treedef = jax.tree.flatten(state)
+        shared = shared_leaves(stream_axes, state)
+        own = [leaf for leaf, sh in zip(leaves, shared) if not sh]
+
+        def merge(own_leaves, template):
+            it = iter(own_leaves)
+            return [t if sh else next(it) for t, sh in zip(template, shared)]
+
+        def one(args):
+            own_leaves, key = args
+            new, dice, info = one_stream(jax.tree.unflatten(treedef, merge(own_leaves, leaves)), image, mask, key)
+            return [leaf for leaf, sh in zip(jax.tree.leaves(new), shared) if not sh], dice, info
+
+        new_own, dice, info = jax.lax.map(one, (own, keys))
+        return jax.tree.unflatten(treedef, merge(new_own, leaves)), dice, info
+
+    return mapped
 
 
 def split_seeds(results: list[StreamResult], n_seeds: int) -> list[list[StreamResult]]:
@@ -265,7 +294,7 @@ def run_protocol(method: Method, variables, targets: Sequence, protocol: str, rn
     if runner.batched:
         # rng: [S, 2] keys; every key operation maps over the seed axis
         init_key, stream_key = jnp.moveaxis(jax.vmap(jax.random.split)(rng), 1, 0)
-        init = lambda: jax.vmap(method.init, in_axes=(None, 0))(variables, init_key)
+        init = lambda: init_streams(method, variables, init_key)
         fold = lambda key, t: jax.vmap(jax.random.fold_in, in_axes=(0, None))(key, t)
         if runner.shard and len(rng) % jax.device_count():
             raise ValueError(f"sharded run: {len(rng)} streams do not split evenly over "

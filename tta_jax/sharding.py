@@ -24,19 +24,31 @@ def stream_mesh(devices=None) -> Mesh:
     return Mesh(np.asarray(devices if devices is not None else jax.devices()), (STREAM_AXIS,))
 
 
-def shard_map_streams(batched_step, mesh: Mesh | None = None):
+def _state_specs(stream_axes):
+    """PartitionSpecs for a state with ``stream_axes`` (0: split over devices; None: replicated)."""
+    return jax.tree.map(lambda a: PartitionSpec() if a is None else PartitionSpec(STREAM_AXIS),
+                        stream_axes, is_leaf=lambda x: x is None)
+
+
+def shard_map_streams(batched_step, stream_axes=0, mesh: Mesh | None = None):
     """``batched_step(state, image, mask, keys)`` run per device on its slice of streams.
 
-    state and keys (and every output) carry the stream axis first; image and
-    mask are shared by all streams and replicated.
+    keys and every output but the state carry the stream axis first; the state
+    carries it where ``stream_axes`` says 0 (``Method.stream_axes``; None:
+    shared by all streams, replicated); image and mask are shared and replicated.
     """
     mesh = mesh or stream_mesh()
     streams, replicated = PartitionSpec(STREAM_AXIS), PartitionSpec()
-    return jax.shard_map(batched_step, mesh=mesh, in_specs=(streams, replicated, replicated, streams),
-                         out_specs=streams, check_vma=False)
+    state_specs = _state_specs(stream_axes)
+    return jax.shard_map(batched_step, mesh=mesh, in_specs=(state_specs, replicated, replicated, streams),
+                         out_specs=(state_specs, streams, streams), check_vma=False)
 
 
-def shard_streams(tree, mesh: Mesh | None = None, axis: int = 0):
-    """Place every array leaf of ``tree`` with its stream ``axis`` split over ``mesh``'s devices."""
+def shard_streams(tree, mesh: Mesh | None = None, axis: int = 0, stream_axes=0):
+    """Place ``tree`` with its stream ``axis`` split over ``mesh``'s devices (replicated where ``stream_axes`` is None)."""
     mesh = mesh or stream_mesh()
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec(*([None] * axis), STREAM_AXIS)))
+    split = NamedSharding(mesh, PartitionSpec(*([None] * axis), STREAM_AXIS))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    marks = jax.tree.map(lambda a, sub: jax.tree.map(lambda _: replicated if a is None else split, sub),
+                         stream_axes, tree, is_leaf=lambda x: x is None)
+    return jax.device_put(tree, marks)

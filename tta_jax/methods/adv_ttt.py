@@ -126,4 +126,5 @@ def make(model, hparams) -> Method:
         _, logits, info = tune_adaptor(state, images)
         return state, logits, info
 
-    return Method("adv_ttt", init, step)
+    # Σ and Δ are shared by all streams; each stream (seed) has its own Ω₀
+    return Method("adv_ttt", init, step, stream_axes=AdvTTTState(None, None, None, 0))

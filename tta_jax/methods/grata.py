@@ -43,7 +43,7 @@ from tta_jax.models.resunet import AUX_HEADS
 from tta_jax.bn import forward_test_stats, merge_params
 from tta_jax.losses import bce_with_logits, sigmoid_entropy_plogp
 from tta_jax.methods.base import Method, check_step_input, keep_if_finite, register, supervised_bn_gradient
-from tta_jax.methods.tent import init_bn_adapt_state
+from tta_jax.methods.tent import BN_STREAM_AXES, init_bn_adapt_state
 
 COSINE_EPS = 1e-12
 
@@ -195,4 +195,4 @@ def make(model, hparams) -> Method:
         _, _, _, g_pse = aligned_gradients(state, images, rng)
         return {"cos_empirical": gradient_cosine(g_pse, supervised_bn_gradient(model, state, images, masks))}
 
-    return Method("grata", init, step, analysis)
+    return Method("grata", init, step, analysis, stream_axes=BN_STREAM_AXES)

@@ -24,7 +24,7 @@ def make_frozen_method(name: str, model, forward) -> Method:
         check_step_input(images)
         return state, forward(model, state.params, state.batch_stats, images), {}
 
-    return Method(name, init, step)
+    return Method(name, init, step, stream_axes=FrozenState(None, None))
 
 
 @register("no_adapt")

@@ -30,6 +30,10 @@ class BNAdaptState(NamedTuple):
     opt_state: Any
 
 
+# streams share the frozen weights and the source statistics; each has its own BN affine + Adam
+BN_STREAM_AXES = BNAdaptState(bn_params=0, frozen_params=None, batch_stats=None, opt_state=0)
+
+
 def init_bn_adapt_state(variables, optimizer) -> BNAdaptState:
     bn_params, frozen = split_bn_params(variables["params"], variables["batch_stats"])
     return BNAdaptState(bn_params, frozen, variables["batch_stats"], optimizer.init(bn_params))
@@ -77,4 +81,4 @@ def make(model, hparams) -> Method:
         g_ent = jax.grad(entropy_loss)(state.bn_params, state, images)
         return {"cos_empirical": gradient_cosine(g_ent, supervised_bn_gradient(model, state, images, masks))}
 
-    return Method("tent", init, step, analysis)
+    return Method("tent", init, step, analysis, stream_axes=BN_STREAM_AXES)
