@@ -12,11 +12,17 @@ Loop forms (``loop``):
   The last chunk is padded and a validity mask keeps padded steps from
   touching the state, so every chunk has one shape and the stream compiles
   once whatever its length;
-* ``auto`` (default) — ``python`` on CPU, where the benchmark mode measured it
-  fastest (GraTa, ResNet-34 at 256²: 1.30 s per image against 2.08 s for
-  ``scan``); ``scan`` on GPU/TPU, where per-step dispatch and host
-  synchronisation are a larger share of a fast step (an expectation, not
-  measured here: rerun ``configs/benchmark.py`` on the device).
+* ``auto`` (default) — ``python`` on CPU: the benchmark mode measured the
+  three forms within the machine's noise of each other there (GraTa,
+  ResNet-34 at 256², one run: Python loop 1.31 s per image, ``scan`` 1.29 s,
+  scan unrolled ×4 1.18 s at twice the compile time — 71 s against 35 s for
+  the first pass of 12 images), and the Python loop keeps per-image progress
+  and compiles fastest. (Before the ResUNet's convolutions got an explicit
+  input gradient, ``scan`` was 1.6× slower on CPU: inside a loop body XLA:CPU
+  left the backward convolutions on a slow path.) ``scan`` on GPU/TPU,
+  where per-step dispatch and host synchronisation are a larger share of a
+  fast step (an expectation, not measured here: rerun
+  ``configs/benchmark.py`` on the device).
 
 Protocols (reset policies; always adapt-then-predict):
 
