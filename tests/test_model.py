@@ -77,11 +77,12 @@ def test_upconv_equals_flax_conv_transpose(features):
 
 
 @pytest.mark.parametrize("strides,use_bias", [(1, True), (2, False), (2, True)])
-def test_conv1x1_equals_flax_conv(strides, use_bias):
+def test_pointwise_conv_equals_flax_conv(strides, use_bias):
+    """Kernel size 1 (the matmul path), strided and with or without bias."""
     import flax.linen as nn
-    from tta_jax.models.resunet import Conv1x1
+    from tta_jax.models.resunet import Conv
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 7, 4))
-    _same_init_and_output(Conv1x1(3, strides, use_bias), nn.Conv(3, (1, 1), strides, use_bias=use_bias), x)
+    _same_init_and_output(Conv(3, 1, strides, use_bias), nn.Conv(3, (1, 1), strides, use_bias=use_bias), x)
 
 
 def test_max_pool_equals_flax_max_pool():

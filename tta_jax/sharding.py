@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from tta_jax.methods.base import shared_leaves
+
 STREAM_AXIS = "streams"
 
 
@@ -49,6 +51,6 @@ def shard_streams(tree, mesh: Mesh | None = None, axis: int = 0, stream_axes=0):
     mesh = mesh or stream_mesh()
     split = NamedSharding(mesh, PartitionSpec(*([None] * axis), STREAM_AXIS))
     replicated = NamedSharding(mesh, PartitionSpec())
-    marks = jax.tree.map(lambda a, sub: jax.tree.map(lambda _: replicated if a is None else split, sub),
-                         stream_axes, tree, is_leaf=lambda x: x is None)
-    return jax.device_put(tree, marks)
+    treedef = jax.tree.structure(tree)
+    shardings = [replicated if shared else split for shared in shared_leaves(stream_axes, tree)]
+    return jax.device_put(tree, jax.tree.unflatten(treedef, shardings))

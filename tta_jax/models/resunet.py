@@ -28,7 +28,7 @@ statistics (see :mod:`tta_jax.bn`).
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -48,10 +48,6 @@ def _channels(base: int, width: float) -> int:
     return max(1, int(round(base * width)))
 
 
-def _pad(k: int) -> Sequence[tuple[int, int]]:
-    return [(k // 2, k // 2)] * 2
-
-
 class BasicBlock(nn.Module):
     features: int
     strides: int = 1
@@ -65,7 +61,7 @@ class BasicBlock(nn.Module):
         y = Conv(self.features, 3, use_bias=False, name="conv2")(y)
         y = BatchNorm(use_running_average=not train, name="bn2")(y)
         if residual.shape != y.shape:
-            residual = Conv1x1(self.features, self.strides, use_bias=False, name="downsample_conv")(residual)
+            residual = Conv(self.features, 1, self.strides, use_bias=False, name="downsample_conv")(residual)
             residual = BatchNorm(use_running_average=not train, name="downsample_bn")(residual)
         return nn.relu(y + residual)
 
@@ -78,15 +74,15 @@ class BottleneckBlock(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         residual = x
-        y = Conv1x1(self.features, use_bias=False, name="conv1")(x)
+        y = Conv(self.features, 1, use_bias=False, name="conv1")(x)
         y = nn.relu(BatchNorm(use_running_average=not train, name="bn1")(y))
         # torchvision's ResNet-50 (v1.5) strides in the 3×3 conv.
         y = Conv(self.features, 3, self.strides, use_bias=False, name="conv2")(y)
         y = nn.relu(BatchNorm(use_running_average=not train, name="bn2")(y))
-        y = Conv1x1(self.features * 4, use_bias=False, name="conv3")(y)
+        y = Conv(self.features * 4, 1, use_bias=False, name="conv3")(y)
         y = BatchNorm(use_running_average=not train, name="bn3")(y)
         if residual.shape != y.shape:
-            residual = Conv1x1(self.features * 4, self.strides, use_bias=False, name="downsample_conv")(residual)
+            residual = Conv(self.features * 4, 1, self.strides, use_bias=False, name="downsample_conv")(residual)
             residual = BatchNorm(use_running_average=not train, name="downsample_bn")(residual)
         return nn.relu(y + residual)
 
@@ -133,7 +129,13 @@ conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
 
 
 class Conv(nn.Module):
-    """``nn.Conv(features, (k, k), strides, padding=k // 2)`` through :func:`conv_same`; same parameters."""
+    """``nn.Conv(features, (k, k), strides, padding=k // 2)`` with the same parameters, names, initialisers.
+
+    k > 1 goes through :func:`conv_same`. k = 1 is a strided slice and a matmul over
+    channels: on XLA:CPU about 2× faster forward than the convolution (and faster
+    backward), and 9× for the two-channel segmentation head (microbenchmarks at
+    ResNet-34 256² shapes). ``tests/test_model.py`` checks both against ``nn.Conv``.
+    """
 
     features: int
     kernel_size: int
@@ -146,7 +148,10 @@ class Conv(nn.Module):
     def __call__(self, x):
         k = self.kernel_size
         kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
-        y = conv_same(x, kernel, self.strides, k // 2)
+        if k == 1:
+            y = jnp.einsum("nhwc,co->nhwo", x[:, ::self.strides, ::self.strides], kernel[0, 0])
+        else:
+            y = conv_same(x, kernel, self.strides, k // 2)
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32)
         return y
@@ -169,33 +174,6 @@ def max_pool_3x3_s2(x):
                                    (1, 2, 2, 1))
             out = window if out is None else jnp.maximum(out, window)
     return out
-
-
-class Conv1x1(nn.Module):
-    """``nn.Conv(features, (1, 1), strides)`` as a strided slice and a matmul over channels.
-
-    Same parameters (``kernel`` ``(1, 1, in, out)``, ``bias``), names and initialisers
-    as the Flax module, so checkpoints and the PyTorch converter are unchanged
-    (``tests/test_model.py`` checks the two agree). On XLA:CPU the matmul is about 2×
-    faster than the convolution, forward and backward, and 9× for the two-channel
-    segmentation head (microbenchmarks at ResNet-34 256² shapes).
-    """
-
-    features: int
-    strides: int = 1
-    use_bias: bool = True
-    kernel_init: Any = nn.initializers.lecun_normal()
-    bias_init: Any = nn.initializers.zeros_init()
-
-    @nn.compact
-    def __call__(self, x):
-        kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features), jnp.float32)
-        if self.strides != 1:
-            x = x[:, ::self.strides, ::self.strides]
-        y = jnp.einsum("nhwc,co->nhwo", x, kernel[0, 0])
-        if self.use_bias:
-            y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32)
-        return y
 
 
 class UpConv2x(nn.Module):
@@ -238,7 +216,7 @@ class UnetBlock(nn.Module):
     def __call__(self, up, skip, train: bool):
         half = self.n_out // 2
         up = UpConv2x(half, name="tr_conv")(up)
-        skip = Conv1x1(half, name="x_conv")(skip)
+        skip = Conv(half, 1, name="x_conv")(skip)
         x = nn.relu(jnp.concatenate([up, skip], axis=-1))
         return BatchNorm(use_running_average=not train, name="bn")(x)
 
@@ -277,7 +255,7 @@ class UpsampleBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        x = Conv1x1(self.features, name="conv")(upsample2x_align_corners(x))
+        x = Conv(self.features, 1, name="conv")(upsample2x_align_corners(x))
         return BatchNorm(use_running_average=not train, name="bn")(nn.relu(x))
 
 
@@ -348,7 +326,7 @@ class ResUNet(nn.Module):
             x = UnetBlock(c(256), name=f"up{k + 1}")(x, skip, train)
         features = UpConv2x(c(32), name="up5")(x)
         head_in = nn.relu(BatchNorm(use_running_average=not train, name="bnout")(features))
-        logits = Conv1x1(self.num_classes, name="seg_head")(head_in)
+        logits = Conv(self.num_classes, 1, name="seg_head")(head_in)
         outputs = (logits,)
         if return_aux:
             outputs += ({name: self._aux_branch(name, bottleneck, train) for name in self.aux_heads},)
@@ -369,7 +347,7 @@ class ResUNet(nn.Module):
             h = UpsampleBlock(c(base), name=f"{prefix}{k + 1}")(h, train)
         h = upsample2x_align_corners(h)
         if name != "super_resolution":
-            return Conv1x1(3, name=f"{prefix}_head")(h)
+            return Conv(3, 1, name=f"{prefix}_head")(h)
         h = jnp.tanh(Conv(c(32), 5, name="supres_head_0")(h))
         h = jnp.tanh(Conv(c(32), 3, name="supres_head_2")(h))
         h = Conv(3 * self.sr_factor**2, 3, name="supres_head_4")(h)
