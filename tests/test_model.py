@@ -109,3 +109,30 @@ def test_conv_equals_flax_conv_with_gradients(shape, k, strides):
     grads = [jax.grad(lambda v, x: jnp.sum(jnp.sin(m.apply(v, x))), (0, 1))(v, x) for m in (ours, ref)]
     for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_precomputed_input_grad_kernels(tiny_model, tiny_variables):
+    """Stored input-gradient kernels give the same gradients; only square odd kernels get one; bad ones raise."""
+    from tta_jax.models.resunet import INPUT_GRAD_KERNEL, with_input_grad_kernels, without_input_grad_kernels
+    params, stats = tiny_variables["params"], tiny_variables["batch_stats"]
+    with_gk = with_input_grad_kernels(params)
+    flat, flat_gk = traverse_util.flatten_dict(params), traverse_util.flatten_dict(with_gk)
+    added = {k[:-1] for k in flat_gk if k[-1] == INPUT_GRAD_KERNEL}
+    square = {k[:-1] for k, v in flat.items() if k[-1] == "kernel" and v.ndim == 4 and v.shape[0] in (3, 7)}
+    assert added == square and len(added) > 10   # stem 7×7 and every 3×3; not the 1×1 or the 2×2 up-convolutions
+    stem = flat_gk[("conv1", INPUT_GRAD_KERNEL)]
+    np.testing.assert_array_equal(stem[::-1, ::-1].transpose(0, 1, 3, 2), flat[("conv1", "kernel")])
+    assert jax.tree.structure(without_input_grad_kernels(with_gk)) == jax.tree.structure(params)
+
+    x = jax.random.normal(jax.random.PRNGKey(1), (1, 32, 32, 3))
+
+    def input_grad(p):
+        f = lambda x: jnp.sum(jnp.sin(tiny_model.apply({"params": p, "batch_stats": stats}, x)))
+        return jax.grad(f)(x)
+
+    np.testing.assert_allclose(input_grad(with_gk), input_grad(params), atol=1e-6)
+    # a stored kernel that does not fit its convolution is refused, not silently used
+    bad = dict(flat_gk)
+    bad[("conv1", INPUT_GRAD_KERNEL)] = jnp.zeros((7, 7, 3, 3))
+    with pytest.raises(ValueError, match=INPUT_GRAD_KERNEL):
+        input_grad(traverse_util.unflatten_dict(bad))

@@ -28,6 +28,7 @@ import optax
 
 from tta_jax.adversarial import lsgan_generator_loss
 from tta_jax.bn import forward_source_stats, forward_test_stats
+from tta_jax.models.resunet import with_input_grad_kernels
 from tta_jax.methods.base import Method, check_step_input, keep_if_finite, register
 from tta_jax.models import InputAdaptor, MaskDiscriminator
 
@@ -118,7 +119,8 @@ def make(model, hparams) -> Method:
                              "set source.adversarial=True (configs/adv_ttt.py) or give a checkpoint that has it")
         omega0 = adaptor.init(rng if rng is not None else jax.random.PRNGKey(0),
                               jnp.zeros((1, 32, 32, 3)))["params"]
-        return AdvTTTState(variables["params"], variables["batch_stats"], variables["discriminator"], omega0)
+        # Σ is frozen: its input-gradient kernels are made once, not in each of the n_iter backward passes
+        return AdvTTTState(with_input_grad_kernels(variables["params"]), variables["batch_stats"], variables["discriminator"], omega0)
 
     def step(state, images, rng):
         del rng

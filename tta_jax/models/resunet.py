@@ -33,6 +33,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 # PyTorch BatchNorm2d defaults: eps 1e-5, momentum 0.1 (= flax momentum 0.9).
 BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
@@ -95,37 +96,75 @@ def _conv(x, kernel, strides: int, pad: int):
                                         dimension_numbers=_DIMS)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv_same(x, kernel, strides: int, pad: int):
+# Name of the optional parameter, next to a frozen square convolution's ``kernel``, that holds
+# its precomputed input-gradient kernel (see :func:`with_input_grad_kernels`).
+INPUT_GRAD_KERNEL = "kernel_input_grad"
+
+
+def input_grad_kernel(kernel):
+    """The kernel of a convolution's input gradient: spatially flipped, in/out channels swapped (HWIO)."""
+    return jnp.transpose(jnp.flip(kernel, (0, 1)), (0, 1, 3, 2))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def conv_same(x, kernel, grad_kernel, strides: int, pad: int):
     """A square convolution (NHWC/HWIO, symmetric ``pad``) whose input gradient is spelled out.
 
     The input gradient is the convolution of the (dilated, for ``strides`` > 1)
-    output gradient with the spatially flipped, in/out-swapped kernel — written
-    here as an explicit transpose, which XLA:CPU materialises once and hands to
+    output gradient with :func:`input_grad_kernel` of ``kernel`` — written
+    here as an explicit transpose, which XLA:CPU materialises and hands to
     its fast convolution library; left to autodiff it keeps the swapped kernel
     layout and falls back to a slow generic convolution (TENT step, ResNet-34
     at 256²: 270 of its 600 ms). Values and gradients equal autodiff's
     (``tests/test_model.py``).
+
+    ``grad_kernel``: ``None``, or ``input_grad_kernel(kernel)`` computed once
+    beforehand for a frozen kernel (:func:`with_input_grad_kernels`). The
+    transpose of all kernels is a strided copy of every weight, ~90 ms of a
+    GraTa step (ResNet-34, 256², two backward passes) when redone per step.
+    The forward value does not depend on it, so its cotangent is zero.
     """
     return _conv(x, kernel, strides, pad)
 
 
-def _conv_same_fwd(x, kernel, strides, pad):
-    return _conv(x, kernel, strides, pad), (x, kernel)
+def _conv_same_fwd(x, kernel, grad_kernel, strides, pad):
+    return _conv(x, kernel, strides, pad), (x, kernel, grad_kernel)
 
 
 def _conv_same_bwd(strides, pad, residuals, dy):
-    x, kernel = residuals
+    x, kernel, grad_kernel = residuals
     k = kernel.shape[0]
-    flipped = jnp.transpose(jnp.flip(kernel, (0, 1)), (0, 1, 3, 2))
+    flipped = input_grad_kernel(kernel) if grad_kernel is None else grad_kernel
     pads = [(k - 1 - pad, k - 1 - pad + (n + 2 * pad - k) % strides) for n in x.shape[1:3]]
     dx = jax.lax.conv_general_dilated(dy, flipped, (1, 1), pads, lhs_dilation=(strides, strides),
                                       dimension_numbers=_DIMS)
     _, kernel_vjp = jax.vjp(lambda kk: _conv(x, kk, strides, pad), kernel)
-    return dx, kernel_vjp(dy)[0]
+    return dx, kernel_vjp(dy)[0], None if grad_kernel is None else jnp.zeros_like(grad_kernel)
 
 
 conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
+
+
+def with_input_grad_kernels(params):
+    """``params`` plus, next to every square convolution's ``kernel``, its precomputed input gradient kernel.
+
+    For weights that stay frozen while gradients flow through them (TENT,
+    GraTa and adversarial TTT differentiate w.r.t. BN parameters or the input
+    only): :class:`Conv` then reuses the stored kernel in every backward pass
+    instead of transposing the kernel again each step. The stored copy is
+    only valid for the kernel it was made from — never add it to parameters
+    that are trained. Costs one more copy of the convolution weights.
+    """
+    flat = traverse_util.flatten_dict(params)
+    extra = {path[:-1] + (INPUT_GRAD_KERNEL,): input_grad_kernel(v) for path, v in flat.items()
+             if path[-1] == "kernel" and v.ndim == 4 and v.shape[0] == v.shape[1] > 1 and v.shape[0] % 2}
+    return traverse_util.unflatten_dict({**flat, **extra})
+
+
+def without_input_grad_kernels(params):
+    """Inverse of :func:`with_input_grad_kernels` (e.g. before saving adapted weights)."""
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict({k: v for k, v in flat.items() if k[-1] != INPUT_GRAD_KERNEL})
 
 
 class Conv(nn.Module):
@@ -151,7 +190,13 @@ class Conv(nn.Module):
         if k == 1:
             y = jnp.einsum("nhwc,co->nhwo", x[:, ::self.strides, ::self.strides], kernel[0, 0])
         else:
-            y = conv_same(x, kernel, self.strides, k // 2)
+            grad_kernel = None
+            if self.has_variable("params", INPUT_GRAD_KERNEL):
+                grad_kernel = self.get_variable("params", INPUT_GRAD_KERNEL)
+                if grad_kernel.shape != (k, k, self.features, x.shape[-1]):
+                    raise ValueError(f"{INPUT_GRAD_KERNEL} of shape {grad_kernel.shape} does not fit kernel "
+                                     f"{kernel.shape}: make it with with_input_grad_kernels")
+            y = conv_same(x, kernel, grad_kernel, self.strides, k // 2)
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32)
         return y
