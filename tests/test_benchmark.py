@@ -35,3 +35,17 @@ def test_quick_benchmark_writes_table(tmp_path):
     assert set(res["loops"]) == {"python", "scan", "scan_unroll4"} and set(res["streams"]) == {"vmap", "map"}
     assert set(res["streams"]["map"]) == {"1", "2"} and res["streams"]["vmap"]["1"]["speedup_vs_sequential"] == 1.0
     assert res["methods"]["tent"]["median_s"] > 0 and res["dgcs"]["edges"] == 32 * 32
+
+
+def test_table_reports_time_until_the_step_runs():
+    from experiments.benchmark import ready_s
+    cold = {"trace_s": 1.5, "lower_s": 0.5, "compile_s": 10.0}
+    warm = {"trace_s": 1.25, "lower_s": 0.25, "compile_s": 2.0}
+    assert ready_s(cold) == 12.0 and ready_s(warm) == 3.5
+    r = {"device": "cpu:0", "backend": "cpu", "backbone": "resnet34", "width": 1.0, "image_size": 256,
+         "stream_length": 12, "process_max_rss_mb": 1.0,
+         "methods": {"grata": {"cold": cold, "warm": warm, "first_image_s": 2.0, "median_s": 1.0,
+                               "memory": {"temp_mb": 300.0}}}}
+    table = benchmark_table(r)
+    assert "| ready cold |" in table and "| ready warm |" in table
+    assert "| grata | 1.500 | 0.500 | 10.000 | 12.000 | 2.000 | 3.500 | 2.000 | 1.000 |" in table
