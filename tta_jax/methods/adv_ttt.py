@@ -28,9 +28,9 @@ import optax
 
 from tta_jax.adversarial import lsgan_generator_loss
 from tta_jax.bn import forward_source_stats, forward_test_stats
-from tta_jax.models.resunet import with_input_grad_kernels
 from tta_jax.methods.base import Method, check_step_input, keep_if_finite, register
 from tta_jax.models import InputAdaptor, MaskDiscriminator
+from tta_jax.models.resunet import with_input_grad_kernels
 
 DEFAULTS = dict(lr=1e-3, n_iter=50, patience=0, keep_best=False, target=1.0, adaptor_features=16,
                 test_bn_stats=False, disc_width=0.25, disc_strides="2,2,1,1,1")
@@ -120,7 +120,8 @@ def make(model, hparams) -> Method:
         omega0 = adaptor.init(rng if rng is not None else jax.random.PRNGKey(0),
                               jnp.zeros((1, 32, 32, 3)))["params"]
         # Σ is frozen: its input-gradient kernels are made once, not in each of the n_iter backward passes
-        return AdvTTTState(with_input_grad_kernels(variables["params"]), variables["batch_stats"], variables["discriminator"], omega0)
+        return AdvTTTState(with_input_grad_kernels(variables["params"]), variables["batch_stats"],
+                           variables["discriminator"], omega0)
 
     def step(state, images, rng):
         del rng

@@ -18,8 +18,8 @@ import optax
 
 from tta_jax.bn import forward_test_stats, merge_params, split_bn_params
 from tta_jax.losses import binary_entropy
-from tta_jax.models.resunet import with_input_grad_kernels
 from tta_jax.methods.base import Method, check_step_input, keep_if_finite, register, supervised_bn_gradient
+from tta_jax.models.resunet import with_input_grad_kernels
 
 
 class BNAdaptState(NamedTuple):
