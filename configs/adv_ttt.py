@@ -30,8 +30,8 @@ def get_config(arg=None):
         c.adversarial.labelled_fraction = 0.25
     c = common.apply_variant(c, ",".join(parts))
     if "polyp" in parts:
-        # 7.5 s per image at 128² on 2 cores (benchmark mode): 100 evenly spaced CVC-ClinicDB images
-        # × 3 seeds take ~40 min; --config.max_target_images=0 adapts all 609 (~4 h).
+        # 6.4–7.1 s per image at 128² on 2 cores (benchmark mode): 100 evenly spaced CVC-ClinicDB
+        # images × 3 seeds took 36 min; --config.max_target_images=0 adapts all 609 (~4 h).
         c.max_target_images = 100
     if "paper" in parts:
         c.source.lr = 1e-4

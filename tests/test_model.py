@@ -131,6 +131,9 @@ def test_precomputed_input_grad_kernels(tiny_model, tiny_variables):
         return jax.grad(f)(x)
 
     np.testing.assert_allclose(input_grad(with_gk), input_grad(params), atol=1e-6)
+    # the backward pass really uses the stored kernel: a different one changes the input gradient
+    doubled = {k: 2 * v if k[-1] == INPUT_GRAD_KERNEL else v for k, v in flat_gk.items()}
+    assert not np.allclose(input_grad(traverse_util.unflatten_dict(doubled)), input_grad(params), atol=1e-3)
     # a stored kernel that does not fit its convolution is refused, not silently used
     bad = dict(flat_gk)
     bad[("conv1", INPUT_GRAD_KERNEL)] = jnp.zeros((7, 7, 3, 3))
