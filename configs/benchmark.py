@@ -5,10 +5,10 @@ Run (CPU, small default: ResNet-18 ×0.25 at 128², a few minutes)::
 
   python -m experiments.main --config=configs/benchmark.py --workdir=/tmp/tta_bench
 
-Variants: ``issue8`` — the acceptance setting: ResNet-34 at full width, 256², PyTorch with 2
-threads (``--config=configs/benchmark.py:issue8``); ``quick`` — a smoke run (64², 4 images).
+Variants: ``r34_256`` — ResNet-34 at full width, 256², PyTorch with 2
+threads (``--config=configs/benchmark.py:r34_256``); ``quick`` — a smoke run (64², 4 images).
 Methods and sizes are overrides: ``--config.benchmark.methods=grata --config.benchmark.image_size=512``.
-Writes ``benchmark.json`` and ``benchmark.md`` (see ``experiments/benchmark.py``).
+Writes ``benchmark.json`` and ``benchmark.md`` (see ``tta_jax/benchmark.py``).
 """
 import ml_collections
 
@@ -25,12 +25,12 @@ def get_config(arg=None):
         # stream-level: loop forms and K vmapped streams, measured with loop_method ("" skips both)
         loop_method="tent", loops=True, scan_unroll=4, streams="1,2,4", stream_maps="vmap,map"))
     for variant in filter(None, (arg or "").split(",")):
-        if variant == "issue8":
+        if variant == "r34_256":
             c.model.backbone, c.model.width = "resnet34", 1.0
             c.benchmark.image_size = 256
             c.benchmark.methods, c.benchmark.loop_method = "tent,grata", "grata"
         elif variant == "quick":
             c.benchmark.image_size, c.benchmark.stream_length = 64, 4
         else:
-            raise ValueError(f"unknown benchmark variant {variant!r}; use issue8 or quick")
+            raise ValueError(f"unknown benchmark variant {variant!r}; use r34_256 or quick")
     return c

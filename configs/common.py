@@ -2,24 +2,38 @@
 
 Every method config starts from :func:`get_base_config` and only changes what
 it must, so ``--config.KEY=VALUE`` accepts the same keys everywhere and an
-unknown key is an error.
+unknown key is an error. The per-method sub-dicts (``config.<method>``) are
+generated from the methods' declarations (:func:`method_subconfig`).
 """
+from pathlib import Path
+
 import ml_collections
+from ml_collections import config_dict
 
-from tta_jax.adversarial import ADVERSARIAL_DEFAULTS
-from tta_jax.methods.adv_ttt import DEFAULTS as ADV_TTT_DEFAULTS
-from tta_jax.methods.spegc import DEFAULTS as SPEGC_DEFAULTS
+from tta_jax import hparams
+from tta_jax.data.folders import FolderOptions
+from tta_jax.methods import available_methods, method_spec
+from tta_jax.source.adversarial import AdversarialHParams
+from tta_jax.source.training import SourceTraining
 
-# GraTa's strong view (batchgenerators semantics); any p_* = 0 switches an op off.
-STRONG_AUGMENT = dict(p_brightness=0.75, p_contrast=0.75, p_gamma=0.75, p_noise=0.5, p_blur=0.5,
-                      p_blur_channel=0.5)
+# The shared real data beside the repository (../shared/data/polyp), whatever the current directory.
+POLYP_DATA_DIR = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "polyp")
 
-POLYP_DATA_DIR = "../shared/data/polyp"
+
+def method_subconfig(name: str) -> ml_collections.ConfigDict:
+    """``config.<name>``: the method's declared defaults; a key whose default depends on the data
+    family (e.g. SPEGC's lr) is an unset placeholder, filled from the family at run time."""
+    spec = method_spec(name)
+    c = hparams.to_config(spec.hparams)
+    family_keys = {k for values in spec.family_defaults.values() for k in values}
+    for key in family_keys:
+        c[key] = config_dict.placeholder(type(c[key]))
+    return c
 
 
 def get_base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.mode = "adapt"                  # adapt | source
+    c.mode = "adapt"                  # adapt | source | benchmark
     c.methods = "no_adapt,bn,tent"    # comma-separated; compared in one table
     c.dataset = "synthetic_fundus"    # synthetic_fundus | folders
     c.data_dir = ""                   # root of a 'folders' dataset, or the raw files of a TFDS dataset
@@ -29,7 +43,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.target_domains = ""             # comma-separated; empty = every other domain
     c.image_size = 64
     c.protocol = "per_target"         # per_target | continual | long_term | mixed | episodic
-    c.max_target_images = 0           # >0: that many evenly spaced images of each target (see run.subsample_stream)
+    c.max_target_images = 0           # >0: that many evenly spaced images of each target (see evaluate.subsample_stream)
     c.rounds = 5                      # long_term: passes over the target sequence
     c.mixed_seed = 2026               # mixed: permutation seed of the shuffled stream
     c.worst_fraction = 0.1            # report Dice on the worst-segmented 10 % (by no_adapt); 0: off
@@ -40,9 +54,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.seeds = 3                       # number of adaptation seeds (seed, seed+1, ...)
     c.seed = 0
     # Seeds as one batched stream (one jitted step over all seeds): on by default for GPU/TPU
-    # (`paper` variants); off on CPU, where the gain is small (benchmark, GraTa ResNet-34 256²,
-    # K = 4 vmapped streams: 1.06× the images/s of sequential ones) and sequential seeds use
-    # K× less memory and save each seed's results as soon as it finishes (resume per seed).
+    # (`paper` variants); off on CPU, where the benchmark measures little gain (README,
+    # Performance) and sequential seeds use K× less memory and save each seed's results as
+    # soon as it finishes (resume per seed).
     c.vmap_seeds = False
     c.stream_map = "vmap"             # how one step maps over the seeds: vmap | map (lax.map; see runner)
     c.shard_seeds = True              # ... with the seed axis spread over all devices (if it divides evenly)
@@ -57,23 +71,18 @@ def get_base_config() -> ml_collections.ConfigDict:
     # super_resolution, denoising); trained with the source model when set.
     c.model = ml_collections.ConfigDict(dict(backbone="resnet18", width=0.25, aux_heads="", sr_factor=4))
     c.synthetic = ml_collections.ConfigDict(dict(num_train=200, num_test=40, seed=0))
-    c.source = ml_collections.ConfigDict(dict(
-        steps=800, batch_size=8, lr=1e-3, optimizer="adam", photometric=0.2, seed=0, denoise_std=1.0,
-        adversarial=False))
-    # Adversarial source stage (Valvano et al.; source.adversarial=True): see tta_jax/adversarial.py.
-    c.adversarial = ml_collections.ConfigDict(dict(ADVERSARIAL_DEFAULTS))
+    # how a 'folders' dataset decodes its masks (see tta_jax/data/folders.py)
+    c.folders = hparams.to_config(FolderOptions)
+    c.source = hparams.to_config(SourceTraining)
+    # Adversarial source stage (Valvano et al.): trained when a method needs the mask
+    # discriminator (adv_ttt) or when source.adversarial=True; see tta_jax/source/adversarial.py.
+    c.adversarial = hparams.to_config(AdversarialHParams)
+    # data family for method defaults that depend on it ("" = from the dataset; folders: set it)
+    c.data_family = ""
 
-    # Per-method hyperparameters (the sub-dict named like the method).
-    c.tent = ml_collections.ConfigDict(dict(lr=1e-3, b1=0.9, b2=0.999, steps=1))
-    c.grata = ml_collections.ConfigDict(dict(
-        lr=1e-4, b1=0.9, b2=0.999, lr_schedule="dynamic", lr_map="quadratic", lookahead=True,
-        pseudo="consistency", auxiliary="entropy", denoise_std=1.0, views_map="vmap",
-        strong=ml_collections.ConfigDict(STRONG_AUGMENT)))
-    # SPEGC (paper §4.2 settings; lr 0.005 fundus, 0.01 polyp): see tta_jax/methods/spegc.py.
-    c.spegc = ml_collections.ConfigDict(dict(SPEGC_DEFAULTS))
-    # Adversarial test-time training (Δ's architecture comes from c.adversarial).
-    c.adv_ttt = ml_collections.ConfigDict(
-        {k: v for k, v in ADV_TTT_DEFAULTS.items() if k not in ("disc_width", "disc_strides")})
+    # Per-method hyperparameters, one sub-dict per registered method, from its declaration.
+    for name in available_methods():
+        c[name] = method_subconfig(name)
     # Named rows of ablation tables: {row name: {"method": registered name, **overrides}}.
     c.variants = ml_collections.ConfigDict()
     return c
@@ -113,6 +122,7 @@ def apply_variant(c: ml_collections.ConfigDict, arg: str | None) -> ml_collectio
     for variant in filter(None, (arg or "").split(",")):
         if variant == "polyp":
             c.dataset = "folders"
+            c.data_family = "polyp"
             c.data_dir = POLYP_DATA_DIR
             c.source_domain = "Kvasir-SEG"
             c.target_domains = "CVC-ClinicDB"

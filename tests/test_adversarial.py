@@ -4,17 +4,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tta_jax.adversarial import (discriminator_augment, fake_anchors, lsgan_discriminator_loss,
-                                 train_adversarial_source, weighted_cross_entropy)
+from tta_jax.losses import lsgan_discriminator_loss
+from tta_jax.source.adversarial import (AdversarialHParams, discriminator_augment, fake_anchors,
+                                        train_adversarial_source, weighted_cross_entropy)
 from tta_jax.data import SyntheticFundus
-from tta_jax.methods import make_method
+from tta_jax.methods import make_method, method_hparams
 from tta_jax.methods.adv_ttt import make_adaptor_tuner
 from tta_jax.models import InputAdaptor, MaskDiscriminator
 from tta_jax.models.discriminator import normalised_kernels
 from tta_jax.runner import StreamRunner
 
 SIZE = 32
-DISC = {"disc_width": 0.125, "disc_strides": "2,2,1,1,1"}
 
 
 def test_spectral_norm_bounds_largest_singular_value():
@@ -62,14 +62,15 @@ def test_weighted_cross_entropy_by_hand():
 
 
 @pytest.fixture(scope="module")
-def adversarial_model(tiny_model, tiny_variables):
+def adversarial_model(micro_model, micro_variables):
     ds = SyntheticFundus(num_train=48, num_test=4)
     train = ds.load("A", "train", SIZE)
     disc = MaskDiscriminator(width=0.125)
     disc_vars = disc.init(jax.random.PRNGKey(1), jnp.zeros((1, SIZE, SIZE, 2)))
     variables, epochs = train_adversarial_source(
-        tiny_model, disc, tiny_variables, disc_vars, train.images, train.masks, jax.random.PRNGKey(2),
-        steps=150, batch_size=8, lr=3e-3, steps_per_epoch=50, hp={"disc_lr": 1e-3})
+        micro_model, disc, micro_variables, disc_vars, train.images, train.masks, jax.random.PRNGKey(2),
+        steps=150, batch_size=8, lr=3e-3, steps_per_epoch=50,
+        hp=AdversarialHParams(disc_lr=1e-3))
     return variables, epochs, ds, disc
 
 
@@ -83,10 +84,10 @@ def test_discriminator_scores_real_masks_above_fake_anchors(adversarial_model):
     assert epochs[-1]["seg_wce"] < epochs[0]["seg_wce"]
 
 
-def test_tuning_the_adaptor_lowers_the_loss_and_changes_only_omega(tiny_model, adversarial_model):
-    variables, _, ds, _ = adversarial_model
-    method = make_method("adv_ttt", tiny_model, {**DISC, "n_iter": 15, "lr": 1e-2})
-    tune, _ = make_adaptor_tuner(tiny_model, {**DISC, "n_iter": 15, "lr": 1e-2})
+def test_tuning_the_adaptor_lowers_the_loss_and_changes_only_omega(micro_model, adversarial_model):
+    variables, _, ds, disc = adversarial_model
+    method = make_method("adv_ttt", micro_model, {"n_iter": 15, "lr": 1e-2}, discriminator=disc)
+    tune, _ = make_adaptor_tuner(micro_model, disc, method_hparams("adv_ttt", {"n_iter": 15, "lr": 1e-2}))
     state = method.init(variables, jax.random.PRNGKey(0))
     image = jnp.asarray(ds.load("C", "test", SIZE).images[:1])
     omega, logits, info = jax.jit(tune)(state, image)
@@ -101,22 +102,34 @@ def test_tuning_the_adaptor_lowers_the_loss_and_changes_only_omega(tiny_model, a
     np.testing.assert_allclose(np.asarray(omega0_out), np.asarray(image), atol=1e-6)
 
 
-def test_adaptor_is_reset_between_images_and_compiles_once(tiny_model, adversarial_model):
-    variables, _, ds, _ = adversarial_model
-    method = make_method("adv_ttt", tiny_model, {**DISC, "n_iter": 5, "lr": 1e-2, "patience": 2, "keep_best": True})
+def test_adaptor_is_reset_between_images_and_compiles_once(micro_model, adversarial_model):
+    variables, _, ds, disc = adversarial_model
+    method = make_method("adv_ttt", micro_model, {"n_iter": 5, "lr": 1e-2, "patience": 2, "keep_best": True},
+                         discriminator=disc)
     data = ds.load("D", "test", SIZE)
     runner = StreamRunner(method)
     state = method.init(variables, jax.random.PRNGKey(0))
-    _, dice, info = runner.run_stream(state, data.images[:3], data.masks[:3], jax.random.PRNGKey(1))
+    _, scores = runner.run_stream(state, data.images[:3], data.masks[:3], jax.random.PRNGKey(1))
     assert runner.trace_count == 1
-    _, dice_alone, _ = runner.run_stream(state, data.images[2:3], data.masks[2:3], jax.random.PRNGKey(1))
-    np.testing.assert_allclose(dice[2], dice_alone[0], atol=1e-4)   # image 3 unaffected by images 1–2
-    assert np.all(info["iterations"] <= 5) and np.all(info["loss_best"] <= info["loss_before"] + 1e-6)
+    _, alone = runner.run_stream(state, data.images[2:3], data.masks[2:3], jax.random.PRNGKey(1))
+    np.testing.assert_allclose(scores["dice"][2], alone["dice"][0], atol=1e-4)   # image 3 unaffected by 1–2
+    assert np.all(scores["info"]["iterations"] <= 5)
 
 
-def test_adv_ttt_needs_a_discriminator(tiny_model, tiny_variables):
-    method = make_method("adv_ttt", tiny_model, DISC)
+def test_keep_best_reports_the_prediction_with_the_lowest_loss(micro_model, adversarial_model):
+    """With keep_best, the returned logits score ½(Δ(σ(logits)) − 1)² = loss_best, recomputed here."""
+    variables, _, ds, disc = adversarial_model
+    method = make_method("adv_ttt", micro_model, {"n_iter": 6, "lr": 5e-2, "keep_best": True}, discriminator=disc)
+    state = method.init(variables, jax.random.PRNGKey(0))
+    image = jnp.asarray(ds.load("B", "test", SIZE).images[:1])
+    _, logits, info = jax.jit(method.step)(state, image, jax.random.PRNGKey(1))
+    score = disc.apply(variables["discriminator"], jax.nn.sigmoid(logits), update_stats=False)
+    np.testing.assert_allclose(float(0.5 * jnp.mean((score - 1.0) ** 2)), float(info["loss_best"]), rtol=1e-5)
+
+
+def test_adv_ttt_needs_a_discriminator(micro_model, micro_variables):
+    with pytest.raises(ValueError, match="needs discriminator from the source stage"):
+        make_method("adv_ttt", micro_model)
+    method = make_method("adv_ttt", micro_model, discriminator=MaskDiscriminator(width=0.125))
     with pytest.raises(ValueError, match="needs the mask discriminator"):
-        method.init(tiny_variables, jax.random.PRNGKey(0))
-    with pytest.raises(ValueError, match="unknown adv_ttt options"):
-        make_method("adv_ttt", tiny_model, {"iterations": 3})
+        method.init(micro_variables, jax.random.PRNGKey(0))

@@ -46,8 +46,7 @@ def folder_root(tmp_path):
         for i in range(n):
             _write(tmp_path / dom / "images" / f"img{i}.jpg", rng.integers(0, 255, (40, 40, 3), np.uint8))
             mask = np.zeros((40, 40), np.uint8)
-            mask[:20] = 200
-            mask[20:22] = 100      # below the > 127 threshold
+            mask[:20] = 200        # one foreground value: rows 0..19
             _write(tmp_path / dom / "masks" / f"img{i}.png", mask)
     (tmp_path / "centre1" / "notes").mkdir()          # ignored sub-folder
     (tmp_path / "not_a_domain").mkdir()                # ignored folder
@@ -106,6 +105,6 @@ def test_real_polyp_sample():
     d = FolderDataset(str(root))
     sub = d._split(d.pairs("Kvasir-SEG"), "all")[:4]
     from tta_jax.data.folders import read_image, read_mask
-    masks = np.stack([read_mask(m, 64) for _, _, m in sub])
-    images = np.stack([read_image(i, 64) for _, i, _ in sub])
+    masks = np.stack([read_mask(m, 64)[0] for _, _, m in sub])
+    images = np.stack([read_image(i, 64)[0] for _, i, _ in sub])
     assert images.shape == (4, 64, 64, 3) and 0 < masks.mean() < 0.6

@@ -1,4 +1,4 @@
-"""End-to-end checks of ``experiments.run`` on tiny settings, and the config errors."""
+"""End-to-end checks of ``tta_jax.experiment`` on tiny settings, and the config errors."""
 import json
 import subprocess
 import sys
@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import REPO, shared_data
-from experiments.run import run, validate_config
+from tta_jax.experiment import run, validate_config
 
 
 def tiny_config(tmp_path, methods="no_adapt,bn,tent"):
@@ -59,7 +59,7 @@ def test_validate_config(tmp_path, key, value, match):
 
 
 def test_subsample_stream_evenly_spaced_in_order():
-    from experiments.run import subsample_stream
+    from tta_jax.evaluate import subsample_stream
     from tta_jax.data import DomainData
     n = 10
     data = DomainData("X", np.arange(n, dtype=np.float32)[:, None, None, None], np.zeros((n, 1, 1, 1), np.uint8),
@@ -119,8 +119,8 @@ def test_long_term_mixed_and_full_metrics(shared_cache, tmp_path):
         np.mean([r["mean"] for r in tent["round_means"]]) - tent["round_means"][0]["mean"], abs=1e-9)
     assert res["methods"]["bn"]["degradation"]["mean"] == pytest.approx(0, abs=1e-9)   # nothing adapts
     assert set(tent["metrics"]) == {"dice", "iou", "assd", "hd95", "e_measure", "s_measure"}
-    # the host-side Dice (from 8-bit probabilities) agrees with the on-device Dice
-    assert tent["metrics"]["dice"]["mean"] == pytest.approx(tent["average"]["mean"], abs=0.5)
+    # the full metrics are computed from the same binary predictions as the run's Dice
+    assert tent["metrics"]["dice"]["mean"] == pytest.approx(tent["average"]["mean"], abs=1e-6)
     md = (tmp_path / "lt" / "results.md").read_text()
     assert "Degradation" in md and "HD95" in md
     c.protocol = "mixed"

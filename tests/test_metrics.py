@@ -103,8 +103,8 @@ def test_e_and_s_measure_extremes():
 def test_full_metrics_consistent_with_dice():
     gt = _square(16, 4, 12)
     prob = np.roll(gt, 2, axis=0).astype(float) * 0.9
-    m = full_metrics(prob, gt)
     logits = np.where(prob > 0.5, 5.0, -5.0)[None, ..., None]
+    m = full_metrics(logits[0, ..., 0] > 0, prob, gt)
     assert m["dice"] == pytest.approx(float(dice_per_channel(logits, gt[None, ..., None])[0, 0]), rel=1e-6)
     assert set(m) == {"dice", "iou", "assd", "hd95", "e_measure", "s_measure"}
     assert m["hd95"] == pytest.approx(2.0)

@@ -71,7 +71,7 @@ def _same_init_and_output(ours, flax_module, x):
 def test_upconv_equals_flax_conv_transpose(features):
     """The matmul form of the 2×2/2 transposed convolution is the Flax module, kernel orientation included."""
     import flax.linen as nn
-    from tta_jax.models.resunet import UpConv2x
+    from tta_jax.models.fast_ops import UpConv2x
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 5, 4))
     _same_init_and_output(UpConv2x(features), nn.ConvTranspose(features, (2, 2), strides=(2, 2), padding="VALID"), x)
 
@@ -80,14 +80,14 @@ def test_upconv_equals_flax_conv_transpose(features):
 def test_pointwise_conv_equals_flax_conv(strides, use_bias):
     """Kernel size 1 (the matmul path), strided and with or without bias."""
     import flax.linen as nn
-    from tta_jax.models.resunet import Conv
+    from tta_jax.models.fast_ops import Conv
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 7, 4))
     _same_init_and_output(Conv(3, 1, strides, use_bias), nn.Conv(3, (1, 1), strides, use_bias=use_bias), x)
 
 
 def test_max_pool_equals_flax_max_pool():
     import flax.linen as nn
-    from tta_jax.models.resunet import max_pool_3x3_s2
+    from tta_jax.models.fast_ops import max_pool_3x3_s2
     pool = lambda x: nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     for shape in [(2, 16, 16, 3), (1, 15, 9, 2)]:
         x = jax.random.normal(jax.random.PRNGKey(1), shape)
@@ -101,7 +101,7 @@ def test_max_pool_equals_flax_max_pool():
 def test_conv_equals_flax_conv_with_gradients(shape, k, strides):
     """:class:`Conv` (hand-written input gradient) is ``nn.Conv``: init, values, input and kernel gradients."""
     import flax.linen as nn
-    from tta_jax.models.resunet import Conv
+    from tta_jax.models.fast_ops import Conv
     x = jax.random.normal(jax.random.PRNGKey(0), shape)
     ours, ref = Conv(5, k, strides), nn.Conv(5, (k, k), strides, padding=[(k // 2, k // 2)] * 2)
     _same_init_and_output(ours, ref, x)
@@ -109,33 +109,3 @@ def test_conv_equals_flax_conv_with_gradients(shape, k, strides):
     grads = [jax.grad(lambda v, x: jnp.sum(jnp.sin(m.apply(v, x))), (0, 1))(v, x) for m in (ours, ref)]
     for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
-
-
-def test_precomputed_input_grad_kernels(tiny_model, tiny_variables):
-    """Stored input-gradient kernels give the same gradients; only square odd kernels get one; bad ones raise."""
-    from tta_jax.models.resunet import INPUT_GRAD_KERNEL, with_input_grad_kernels, without_input_grad_kernels
-    params, stats = tiny_variables["params"], tiny_variables["batch_stats"]
-    with_gk = with_input_grad_kernels(params)
-    flat, flat_gk = traverse_util.flatten_dict(params), traverse_util.flatten_dict(with_gk)
-    added = {k[:-1] for k in flat_gk if k[-1] == INPUT_GRAD_KERNEL}
-    square = {k[:-1] for k, v in flat.items() if k[-1] == "kernel" and v.ndim == 4 and v.shape[0] in (3, 7)}
-    assert added == square and len(added) > 10   # stem 7×7 and every 3×3; not the 1×1 or the 2×2 up-convolutions
-    stem = flat_gk[("conv1", INPUT_GRAD_KERNEL)]
-    np.testing.assert_array_equal(stem[::-1, ::-1].transpose(0, 1, 3, 2), flat[("conv1", "kernel")])
-    assert jax.tree.structure(without_input_grad_kernels(with_gk)) == jax.tree.structure(params)
-
-    x = jax.random.normal(jax.random.PRNGKey(1), (1, 32, 32, 3))
-
-    def input_grad(p):
-        f = lambda x: jnp.sum(jnp.sin(tiny_model.apply({"params": p, "batch_stats": stats}, x)))
-        return jax.grad(f)(x)
-
-    np.testing.assert_allclose(input_grad(with_gk), input_grad(params), atol=1e-6)
-    # the backward pass really uses the stored kernel: a different one changes the input gradient
-    doubled = {k: 2 * v if k[-1] == INPUT_GRAD_KERNEL else v for k, v in flat_gk.items()}
-    assert not np.allclose(input_grad(traverse_util.unflatten_dict(doubled)), input_grad(params), atol=1e-3)
-    # a stored kernel that does not fit its convolution is refused, not silently used
-    bad = dict(flat_gk)
-    bad[("conv1", INPUT_GRAD_KERNEL)] = jnp.zeros((7, 7, 3, 3))
-    with pytest.raises(ValueError, match=INPUT_GRAD_KERNEL):
-        input_grad(traverse_util.unflatten_dict(bad))

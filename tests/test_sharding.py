@@ -18,10 +18,11 @@ SCRIPT = textwrap.dedent("""
     assert jax.device_count() == 4, jax.devices()
     from tta_jax.data import SyntheticFundus
     from tta_jax.methods import make_method
-    from tta_jax.models import ResUNet, init_variables
     from tta_jax.runner import StreamRunner, run_protocol
-    model = ResUNet(backbone="resnet18", num_classes=2, width=0.125)
-    variables = jax.tree.map(lambda x: x.astype(np.float64), init_variables(model, jax.random.PRNGKey(0), 32))
+    from conftest import MicroSegmentor
+    model = MicroSegmentor()
+    variables = jax.tree.map(lambda x: x.astype(np.float64),
+                             model.init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3))))
     targets = [SyntheticFundus(num_train=0, num_test=3).load(d, "test", 32) for d in ("B", "C")]
     targets = [t._replace(images=t.images.astype(np.float64)) for t in targets]
     method = make_method("tent", model, {"lr": 1e-2})
@@ -44,8 +45,8 @@ SCRIPT = textwrap.dedent("""
     out = {}
     for shard in (False, True):
         runner = StreamRunner(method, batched=True, shard=shard)
-        state, dice, _ = runner.run_stream(init, images, masks, keys)
-        out[shard] = (dice, state)
+        state, scores = runner.run_stream(init, images, masks, keys)
+        out[shard] = (scores["dice"], state)
         assert runner.trace_count == 1
     assert len(jax.tree.leaves(out[True][1])[0].sharding.device_set) == 4   # the state lives on all 4 devices
     np.testing.assert_allclose(out[True][0], out[False][0], atol=1e-6)
@@ -57,7 +58,7 @@ SCRIPT = textwrap.dedent("""
 
 def test_four_fake_devices_match_single_device():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(REPO)}
+           "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
     proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0 and "SHARDED_OK" in proc.stdout, proc.stderr[-3000:]

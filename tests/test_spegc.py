@@ -4,12 +4,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tta_jax.graph_clustering import (SinkhornHParams, edge_selection_cost, graph_consistency_loss,
+from tta_jax.methods.spegc.graph_clustering import (SinkhornHParams, edge_selection_cost, graph_consistency_loss,
                                       refined_graph, sinkhorn_edge_selection)
 from tta_jax.methods import make_method
 from tta_jax.methods.spegc import (NodeQueue, empty_queue, mc_dropout_uncertainty, push_queue,
                                    select_node_locations)
-from tta_jax.prompts import (attention_pool, clustering_loss, commonality_weights, enhance_nodes,
+from tta_jax.methods.spegc.prompts import (attention_pool, clustering_loss, commonality_weights, enhance_nodes,
                              heterogeneity_weights)
 from tta_jax.runner import StreamRunner
 
@@ -162,41 +162,42 @@ def test_queue_is_fifo():
     assert isinstance(q, NodeQueue) and float(q.nodes[2, 0, 0]) == 2.0
 
 
-def test_step_changes_predictions_fills_queue_and_compiles_once(tiny_model, tiny_variables):
+def test_step_changes_predictions_fills_queue_and_compiles_once(micro_model, micro_variables):
     from tta_jax.data import SyntheticFundus
-    method = make_method("spegc", tiny_model, {**SMALL, "lr": 1.0})   # untrained net: tiny KLs, so a large step
+    method = make_method("spegc", micro_model, {**SMALL, "lr": 1.0})   # untrained net: tiny KLs, so a large step
     data = SyntheticFundus(num_train=0, num_test=5).load("C", "test", 32)
-    state = method.init(tiny_variables, jax.random.PRNGKey(0))
+    state = method.init(micro_variables, jax.random.PRNGKey(0))
     image = jnp.asarray(data.images[:1])
     new, logits, info = jax.jit(method.step)(state, image, jax.random.PRNGKey(1))
     from tta_jax.bn import forward_test_stats
-    before = forward_test_stats(tiny_model, tiny_variables["params"], tiny_variables["batch_stats"], image)
+    before = forward_test_stats(micro_model, micro_variables["params"], micro_variables["batch_stats"], image)
     assert float(jnp.max(jnp.abs(logits - before))) > 1e-3          # adaptation reaches the prediction
-    frozen = make_method("spegc", tiny_model, {**SMALL, "lr": 0.0})
-    _, same, _ = jax.jit(frozen.step)(frozen.init(tiny_variables, jax.random.PRNGKey(0)), image, jax.random.PRNGKey(1))
+    frozen = make_method("spegc", micro_model, {**SMALL, "lr": 0.0})
+    _, same, _ = jax.jit(frozen.step)(frozen.init(micro_variables, jax.random.PRNGKey(0)), image, jax.random.PRNGKey(1))
     np.testing.assert_allclose(np.asarray(same), np.asarray(before), atol=1e-5)
     assert float(info["skipped"]) == 0.0 and np.isfinite(float(info["loss"]))
     changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), new.params["net"], state.params["net"])
     assert all(jax.tree.leaves(changed["seg_head"])) and any(jax.tree.leaves(changed["layer1_0"]))
     assert np.asarray(new.queue.valid).tolist() == [True, False, False]
     runner = StreamRunner(method)
-    final, dice, infos = runner.run_stream(state, data.images, data.masks, jax.random.PRNGKey(2))
+    final, scores = runner.run_stream(state, data.images, data.masks, jax.random.PRNGKey(2))
+    infos = scores["info"]
     assert runner.trace_count == 1
     assert np.asarray(final.queue.valid).all()
     np.testing.assert_array_equal(infos["k"], [16 - 8, 32 - 8, 48 - 8, 64 - 8, 64 - 8])
 
 
-def test_nonfinite_step_keeps_state_and_bad_options(tiny_model, tiny_variables):
-    method = make_method("spegc", tiny_model, SMALL)
-    state = method.init(tiny_variables, jax.random.PRNGKey(0))
+def test_nonfinite_step_keeps_state_and_bad_options(micro_model, micro_variables):
+    method = make_method("spegc", micro_model, SMALL)
+    state = method.init(micro_variables, jax.random.PRNGKey(0))
     bad = jnp.full((1, 32, 32, 3), jnp.nan)
     new, _, info = jax.jit(method.step)(state, bad, jax.random.PRNGKey(1))
     assert float(info["skipped"]) == 1.0
     assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), new.params, state.params)))
     assert not bool(new.queue.valid.any())
-    for bad_hp, msg in [({"prompt_pool": "both"}, "unknown spegc options"),
-                        ({"sampling": "random"}, "unknown spegc.sampling"),
-                        ({"prompt_pools": "all"}, "unknown spegc.prompt_pools"),
+    for bad_hp, msg in [({"prompt_pool": "both"}, "spegc: unknown hyperparameter prompt_pool; valid keys"),
+                        ({"sampling": "random"}, "spegc.sampling=.random. is not one of"),
+                        ({"prompt_pools": "all"}, "spegc.prompt_pools=.all. is not one of"),
                         ({"keep_fraction": 0.0}, "keep_fraction")]:
         with pytest.raises(ValueError, match=msg):
-            make_method("spegc", tiny_model, bad_hp)
+            make_method("spegc", micro_model, bad_hp)

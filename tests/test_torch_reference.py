@@ -5,13 +5,13 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="PyTorch is optional: pip install -r requirements-torch.txt")
 
-from experiments import torch_reference as ref  # noqa: E402
+from tta_jax import torch_reference as ref  # noqa: E402
 from tta_jax.augment import STRONG_OFF  # noqa: E402
 from tta_jax.checkpoints import CheckpointError  # noqa: E402
 from tta_jax.data import SyntheticFundus  # noqa: E402
 from tta_jax.methods import make_method  # noqa: E402
 from tta_jax.models import ResUNet, init_variables  # noqa: E402
-from tta_jax.models.convert import load_torch_state_dict, torch_state_dict_to_flax  # noqa: E402
+from tta_jax.source.convert import load_torch_state_dict, torch_state_dict_to_flax  # noqa: E402
 
 SIZE = 64
 
@@ -76,7 +76,7 @@ def test_converter_errors_and_pth_loading(pair, tmp_path):
     _, ignored = torch_state_dict_to_flax(wrapped, template)
     assert ignored == ["recon1.conv.weight"]
     with pytest.raises(CheckpointError, match="no counterpart"):
-        torch_state_dict_to_flax({**sd, "res.fc.weight2": np.zeros(1)}, template)
+        torch_state_dict_to_flax({**sd, "up1.tr_conv.alpha": np.zeros(1)}, template)
     with pytest.raises(CheckpointError, match="lacks .* model parameters"):
         torch_state_dict_to_flax({k: v for k, v in sd.items() if not k.startswith("seg_head")}, template)
     wide = {k: v.numpy() for k, v in ref.TorchResUNet("resnet18", 2, 0.25).state_dict().items()}
@@ -88,6 +88,31 @@ def test_converter_errors_and_pth_loading(pair, tmp_path):
     (tmp_path / "bad.pth").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="corrupt or unreadable"):
         load_torch_state_dict(tmp_path / "bad.pth")
+
+
+def test_official_key_set_loads_and_gives_the_same_logits(pair, stream, tmp_path):
+    """The official network's state_dict (unused res.fc and auxiliary branches included) loads as a .pth
+    through the experiment's source stage, ignores exactly the unused keys, and reproduces PyTorch's logits."""
+    from configs import source
+    from tta_jax.experiment import run
+    tm, _, _, _ = pair
+    official = ref.TorchResUNet("resnet18", 2, 0.125, official_fc=True)
+    state = {**official.state_dict(), **{k: v for k, v in tm.state_dict().items()}}
+    state["recon1.conv.weight"] = torch.zeros(1, 1, 1, 1)   # an auxiliary branch of GraTa Table 5
+    torch.save(state, tmp_path / "last-Res_Unet.PTH")
+    c = source.get_config("quick")
+    c.source_checkpoint, c.model.backbone, c.model.width = str(tmp_path / "last-Res_Unet.PTH"), "resnet18", 0.125
+    c.image_size, c.synthetic.num_test, c.target_domains, c.cache_dir = SIZE, 2, "C", str(tmp_path / "c")
+    res = run(c, str(tmp_path / "w"))
+    assert res["source"]["format"] == "pytorch"
+    assert sorted(res["source"]["ignored_keys"]) == ["recon1.conv.weight", "res.fc.bias", "res.fc.weight"]
+    from tta_jax.source import build_model, get_source_model
+    from tta_jax.experiment import make_dataset
+    variables, _ = get_source_model(c, build_model(c, 2), make_dataset(c), "A")
+    tm.eval()
+    with torch.no_grad():
+        yt = _nhwc(tm(_nchw(stream[:2])))
+    assert rel_err(build_model(c, 2).apply(variables, stream[:2], train=False), yt) < 1e-4
 
 
 # float64 carries the acceptance bounds; the float32 measurement is in the slow tier
@@ -131,7 +156,7 @@ def test_grata_step_equivalence(pair, stream, dtype):
 
 
 def _flax_module_path(torch_name):
-    from tta_jax.models.convert import _flax_path
+    from tta_jax.source.convert import _flax_path
     _, module, _ = _flax_path(torch_name + ".weight")
     return module
 

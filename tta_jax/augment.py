@@ -5,8 +5,12 @@ applied jointly to image and mask, and mild photometric jitter on the image.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+
+from tta_jax.hparams import bounded
 
 
 def random_dihedral(key, image, mask):
@@ -83,12 +87,23 @@ def invert_weak_views(predictions):
 
 # --- GraTa's strong view (student): batchgenerators semantics ---------------------
 
+@dataclasses.dataclass(frozen=True)
+class StrongViewProbabilities:
+    """The probability of each op of :func:`strong_augment` (0 switches it off)."""
+
+    p_brightness: float = bounded(0.75, low=0.0, high=1.0)
+    p_contrast: float = bounded(0.75, low=0.0, high=1.0)
+    p_gamma: float = bounded(0.75, low=0.0, high=1.0)
+    p_noise: float = bounded(0.5, low=0.0, high=1.0)
+    p_blur: float = bounded(0.5, low=0.0, high=1.0)
+    p_blur_channel: float = bounded(0.5, low=0.0, high=1.0)
+
+
+# every option of strong_augment: the probabilities above and the ranges they sample from
 STRONG_DEFAULTS = dict(
-    p_brightness=0.75, brightness_range=(0.5, 1.5),
-    p_contrast=0.75, contrast_range=(0.5, 1.5),
-    p_gamma=0.75, gamma_range=(0.5, 2.0),
-    p_noise=0.5, noise_std_max=0.05,
-    p_blur=0.5, p_blur_channel=0.5, blur_sigma_range=(0.5, 1.5),
+    **dataclasses.asdict(StrongViewProbabilities()),
+    brightness_range=(0.5, 1.5), contrast_range=(0.5, 1.5), gamma_range=(0.5, 2.0),
+    noise_std_max=0.05, blur_sigma_range=(0.5, 1.5),
 )
 
 

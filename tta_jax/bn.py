@@ -1,5 +1,10 @@
 """BatchNorm handling shared by every method.
 
+Works for any Flax segmentor that follows the model protocol (README,
+"Python API"): ``model.apply(variables, images, train=...)`` returns logits,
+and its BatchNorm layers keep their running statistics in ``batch_stats`` and
+use them when ``train=False``.
+
 A BatchNorm layer is recognised by owning running statistics: a parameter
 belongs to a BN layer iff its module path also appears in ``batch_stats``.
 This avoids relying on module names.
@@ -42,34 +47,34 @@ def merge_params(*trees):
     return traverse_util.unflatten_dict(flat)
 
 
-# Keyword options of the network that select what it computes (static under jit); anything
-# else (e.g. ``rngs``) is an array argument.
-_STATIC_OPTIONS = ("return_aux", "return_features", "bottleneck_dropout")
+def _forward_source(model, params, batch_stats, images, rngs, options):
+    return model.apply({"params": params, "batch_stats": batch_stats}, images, train=False, rngs=rngs,
+                       **dict(options))
 
 
-def _jitted(forward):
-    """``forward`` as a jitted function of its arrays, the network and its options static.
-
-    Methods forward the same network several times per step (GraTa: at θ, at θ'
-    on six views, at the updated θ); as one nested jitted function it is traced
-    once and then reused from JAX's cache — by vmap, by each gradient — instead
-    of being re-traced through Flax every time: the GraTa step (ResNet-34,
-    256²) traces and lowers in 2.2 s instead of 3.0–3.9 s. XLA inlines the call,
-    so the compiled step runs as fast as before (1.18 s per step both ways,
-    one interleaved run).
-    """
-    return jax.jit(forward, static_argnums=0, static_argnames=_STATIC_OPTIONS)
-
-
-@_jitted
-def forward_source_stats(model, params, batch_stats, images, **kwargs):
-    """Forward with the stored running (source) BN statistics."""
-    return model.apply({"params": params, "batch_stats": batch_stats}, images, train=False, **kwargs)
-
-
-@_jitted
-def forward_test_stats(model, params, batch_stats, images, **kwargs):
-    """Forward normalising with the current batch's own statistics; source statistics untouched."""
+def _forward_test(model, params, batch_stats, images, rngs, options):
     out, _ = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
-                         mutable=["batch_stats"], **kwargs)
+                         mutable=["batch_stats"], rngs=rngs, **dict(options))
     return out
+
+
+# One nested jitted function per mode, the network and its keyword options static: methods
+# forward the same network several times per step (GraTa: at θ, at θ' on six views, at the
+# updated θ), and a jitted forward is traced through Flax once and then reused from JAX's
+# cache by vmap and by each gradient. XLA inlines the call, so the compiled step is the same.
+_jit_source = jax.jit(_forward_source, static_argnums=(0, 5))
+_jit_test = jax.jit(_forward_test, static_argnums=(0, 5))
+
+
+def forward_source_stats(model, params, batch_stats, images, *, rngs=None, **options):
+    """Forward with the stored running (source) BN statistics.
+
+    ``options`` are the network's own keyword arguments (hashable: they select
+    what it computes); ``rngs`` its RNG streams (e.g. ``{"dropout": key}``).
+    """
+    return _jit_source(model, params, batch_stats, images, rngs, tuple(sorted(options.items())))
+
+
+def forward_test_stats(model, params, batch_stats, images, *, rngs=None, **options):
+    """Forward normalising with the current batch's own statistics; source statistics untouched."""
+    return _jit_test(model, params, batch_stats, images, rngs, tuple(sorted(options.items())))

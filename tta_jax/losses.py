@@ -63,3 +63,14 @@ def bernoulli_kl(logits_p: jax.Array, logits_q: jax.Array) -> jax.Array:
     log_p, log_1mp = jax.nn.log_sigmoid(logits_p), jax.nn.log_sigmoid(-logits_p)
     log_q, log_1mq = jax.nn.log_sigmoid(logits_q), jax.nn.log_sigmoid(-logits_q)
     return jnp.sum(p * (log_p - log_q) + (1 - p) * (log_1mp - log_1mq), axis=-1)
+
+
+def lsgan_discriminator_loss(real_scores, fake_scores, anchor_scores):
+    """½E[(Δ(y) − 1)²] + ½E[(Δ(ỹ) + 1)²] + ½E[(Δ(y_corr) + 1)²] (Eq. 2 with the fake anchors)."""
+    return 0.5 * (jnp.mean((real_scores - 1) ** 2) + jnp.mean((fake_scores + 1) ** 2)
+                  + jnp.mean((anchor_scores + 1) ** 2))
+
+
+def lsgan_generator_loss(scores, target: float = 0.0):
+    """½E[(Δ(Σ(x)) − c)²]: c = 0 in Eq. 2 (training); test-time training uses c = 1 (DESIGN.md §4)."""
+    return 0.5 * jnp.mean((scores - target) ** 2)

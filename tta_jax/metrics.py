@@ -203,10 +203,17 @@ def s_measure(prob: np.ndarray, gt: np.ndarray, alpha: float = SM_ALPHA) -> floa
     return float(max(alpha * s_object + (1 - alpha) * s_region, 0.0))
 
 
-def full_metrics(prob: np.ndarray, gt: np.ndarray, threshold: float = 0.5) -> dict:
-    """All per-image metrics of one channel: Dice/IoU ×100, ASSD/HD95 in pixels, E/S-measure in [0, 1]."""
-    pred = prob > threshold
-    gt = gt.astype(bool)
+def full_metrics(pred: np.ndarray, prob: np.ndarray, gt: np.ndarray) -> dict:
+    """All per-image metrics of one channel: Dice/IoU ×100, ASSD/HD95 in pixels, E/S-measure in [0, 1].
+
+    ``pred`` is the binary prediction (logit > 0, as :func:`dice_per_channel`
+    thresholds it), so this Dice equals the run's; ``prob`` its probabilities
+    (floats in [0, 1], or uint8 × 255 as the runner keeps them) for the
+    threshold-free E- and S-measures.
+    """
+    if prob.dtype == np.uint8:
+        prob = prob / 255.0
+    pred, gt = np.asarray(pred, bool), gt.astype(bool)
     dice = (2 * np.logical_and(pred, gt).sum() + DICE_EPS) / (pred.sum() + gt.sum() + DICE_EPS) * 100
     assd, hd95 = surface_distances(pred, gt)
     return {"dice": float(dice), "iou": iou(pred, gt), "assd": assd, "hd95": hd95,

@@ -1,7 +1,12 @@
-"""Aggregation over seeds and result tables (markdown), pure functions of results dicts."""
+"""Aggregation over seeds and result tables (markdown, CSV), from results dicts."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
+
+from tta_jax import checkpoints
 
 
 def mean_std(values) -> tuple[float, float]:
@@ -192,3 +197,64 @@ def merged_csv(rows: list[dict]) -> str:
             vals += [f"{r[m][0]:.6g}", f"{r[m][1]:.6g}"] if m in r else ["", ""]
         lines.append(",".join(vals))
     return "\n".join(lines) + "\n"
+
+
+def adapt_table(results) -> str:
+    targets, methods = results["target_domains"], results["methods"]
+    own = results["source"]["own_domain_heldout"]
+    lines = [f"# {results['dataset']}: source {results['source_domain']} → {', '.join(targets)}",
+             f"protocol {results['protocol']}, seeds {results['seeds']}, Dice ×100 (mean ± std over seeds)", "",
+             markdown_table(methods, targets), ""]
+    if len(results["channels"]) > 1:
+        for ch in results["channels"]:
+            lines += [f"Dice of channel `{ch}`:", "", markdown_table(methods, targets, key=ch), ""]
+    if all("metrics" in agg for agg in methods.values()):
+        lines += ["All metrics (per-channel mean, averaged over targets):", "", metrics_table(methods), ""]
+    if all("round_means" in agg for agg in methods.values()):
+        lines += [f"Long-term protocol ({results['config']['rounds']} rounds):", "",
+                  rounds_table(methods), ""]
+    if "worst_images" in results:
+        lines += ["Per-image Dice (channel mean) over all target images and over the images no_adapt "
+                  "segments worst:", "", worst_images_table(results["worst_images"]), ""]
+    if results["protocol"] == "mixed":
+        lines += [f"Mixed stream: all target images shuffled with seed {results['config']['mixed_seed']}.", ""]
+    lines += [skipped_steps_line(methods, results["seeds"]), ""]
+    lines.append(f"Source model on its own domain {results['source_domain']} (held-out, no adaptation): "
+                 f"{own['mean']:.2f}")
+    return "\n".join(lines)
+
+
+def skipped_steps_line(methods: dict, seeds) -> str:
+    """Which methods had adaptation steps rejected as non-finite (the state was kept), per seed."""
+    hit = {m: agg.get("skipped_steps", []) for m, agg in methods.items() if any(agg.get("skipped_steps", []))}
+    if not hit:
+        return "Non-finite adaptation steps skipped: none."
+    parts = [f"{m} ({', '.join(f'seed {s}: {n}' for s, n in zip(seeds, counts) if n)})" for m, counts in hit.items()]
+    return ("**Non-finite adaptation steps skipped** (the state before the step was kept; these rows did "
+            "not adapt on those images): " + "; ".join(parts) + ".")
+
+
+def source_table(results) -> str:
+    rows = ["| domain | " + " | ".join(results["channels"]) + " | mean |",
+            "|" + "---|" * (len(results["channels"]) + 2)]
+    entries = {f"{results['source_domain']} (source, held-out)": results["source"]["own_domain_heldout"],
+               **results["source"]["targets_no_adapt"]}
+    for name, s in entries.items():
+        rows.append(f"| {name} | " + " | ".join(f"{s[c]:.2f}" for c in results["channels"]) + f" | {s['mean']:.2f} |")
+    return "\n".join(rows)
+
+def merge_workdirs(workdirs, out) -> str:
+    """Merge the ``results.json`` of several runs into ``out/merged.{md,csv,json}``; returns the table."""
+    results = []
+    for w in workdirs:
+        path = Path(w) / "results.json"
+        if not path.exists():
+            raise FileNotFoundError(f"no results.json in {w}")
+        results.append(json.loads(path.read_text()))
+    rows = merged_rows(results)
+    table = merged_markdown(rows)
+    out = Path(out)
+    checkpoints.atomic_write_text(out / "merged.md", table + "\n")
+    checkpoints.atomic_write_text(out / "merged.csv", merged_csv(rows))
+    checkpoints.atomic_write_text(out / "merged.json", json.dumps(rows, indent=1))
+    return table

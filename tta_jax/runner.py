@@ -12,17 +12,10 @@ Loop forms (``loop``):
   The last chunk is padded and a validity mask keeps padded steps from
   touching the state, so every chunk has one shape and the stream compiles
   once whatever its length;
-* ``auto`` (default) — ``python`` on CPU: the benchmark mode measured the
-  three forms within the machine's noise of each other there (GraTa,
-  ResNet-34 at 256², one run: Python loop 1.31 s per image, ``scan`` 1.29 s,
-  scan unrolled ×4 1.18 s at twice the compile time — 71 s against 35 s for
-  the first pass of 12 images), and the Python loop keeps per-image progress
-  and compiles fastest. (Before the ResUNet's convolutions got an explicit
-  input gradient, ``scan`` was 1.6× slower on CPU: inside a loop body XLA:CPU
-  left the backward convolutions on a slow path.) ``scan`` on GPU/TPU,
-  where per-step dispatch and host synchronisation are a larger share of a
-  fast step (an expectation, not measured here: rerun
-  ``configs/benchmark.py`` on the device).
+* ``auto`` (default) — ``python`` on CPU, where the forms run within noise
+  of each other and the Python loop keeps per-image progress and compiles
+  fastest (README, Performance); ``scan`` on GPU/TPU, where per-step dispatch
+  and host synchronisation are a larger share of a fast step.
 
 Protocols (reset policies; always adapt-then-predict):
 
@@ -69,7 +62,7 @@ class StreamResult(NamedTuple):
     info: dict[str, np.ndarray]  # each [N]
     seconds: float
     round: int = 0
-    predictions: dict | None = None   # {"pred": bool [N,H,W,C], "prob_u8": uint8 [N,H,W,C]} if kept
+    predictions: dict | None = None   # {"pred": bool [N,H,W,C], "prob": [N,H,W,C] (uint8 × 255)} if kept
     positions: np.ndarray | None = None   # index of each image in the whole stream (mixed)
 
 
@@ -119,7 +112,7 @@ class StreamRunner:
 
     def __init__(self, method: Method, loop: str = "auto", scan_chunk: int = 16, analysis: bool = False,
                  keep_predictions: bool = False, batched: bool = False, shard: bool = False,
-                 scan_unroll: int = 1, stream_map: str = "vmap"):
+                 scan_unroll: int = 1, stream_map: str = "vmap", probabilities_u8: bool = True):
         if loop not in LOOPS:
             raise ValueError(f"unknown loop {loop!r}; choose one of {list(LOOPS)}")
         if int(scan_chunk) < 1 or int(scan_unroll) < 1:
@@ -139,16 +132,19 @@ class StreamRunner:
             self.trace_count += 1
             extra = method.analysis(state, image[None], mask[None], key) if run_analysis else {}
             state, logits, info = method.step(state, image[None], key)
-            info = {**info, **extra}
+            scores = {"dice": dice_per_channel(logits, mask[None])[0], "info": {**info, **extra}}
             if keep_predictions:
-                # 8-bit probabilities suffice for the 256-threshold E-measure and cost 1 byte/pixel
-                info["_pred"] = logits[0] > 0
-                info["_prob_u8"] = jnp.round(jax.nn.sigmoid(logits[0]) * 255).astype(jnp.uint8)
-            return state, dice_per_channel(logits, mask[None])[0], info
+                # the binary prediction the Dice is computed from, and the probabilities: 8-bit by
+                # default (enough for the 256-threshold E-measure, at 1 byte per pixel)
+                prob = jax.nn.sigmoid(logits[0])
+                if probabilities_u8:
+                    prob = jnp.round(prob * 255).astype(jnp.uint8)
+                scores["predictions"] = {"pred": logits[0] > 0, "prob": prob}
+            return state, scores
 
         axes = self.state_axes = method.stream_axes
         if batched and stream_map == "vmap":
-            scored_step = jax.vmap(scored_step, in_axes=(axes, None, None, 0), out_axes=(axes, 0, 0))
+            scored_step = jax.vmap(scored_step, in_axes=(axes, None, None, 0), out_axes=(axes, 0))
         elif batched:
             scored_step = _map_streams(scored_step, axes)
         if self.shard:
@@ -167,16 +163,18 @@ class StreamRunner:
         def body(st, xs):
             image, mask, key, ok = xs
             start = init_state if episodic else st
-            new, dice, info = self._scored_step(start, image, mask, key)
+            new, scores = self._scored_step(start, image, mask, key)
             new = jax.lax.cond(ok, lambda: new, lambda: st)  # padded steps keep the state
-
-            return new, (dice, info)
+            return new, scores
 
         return jax.lax.scan(body, state, (images, masks, keys, valid), unroll=self.scan_unroll)
 
     def run_stream(self, state, images: np.ndarray, masks: np.ndarray, rng: jax.Array,
                    episodic: bool = False, first_index: int = 0, progress: Progress | None = None):
-        """Adapt-then-predict over one stream; returns ``(final_state, dice [N, C], info)``.
+        """Adapt-then-predict over one stream; returns ``(final_state, scores)``.
+
+        ``scores``: ``dice`` ``[N, C]``, the method's ``info`` (each ``[N]``)
+        and, with ``keep_predictions``, ``predictions`` (``pred``, ``prob``).
 
         The key of image ``i`` is ``fold_in(rng, first_index + i)``, the same
         in both loop forms.
@@ -191,7 +189,7 @@ class StreamRunner:
             keys = shard_streams(keys, axis=1)
         init_state = state
         if self.loop == "python":
-            dices, infos = [], []
+            per_image = []
             # one transfer of the stream instead of one blocking host→device copy per step
             # (uncommitted arrays: the sharded step may still place them)
             images_dev, masks_dev, keys_dev = jax.device_put((list(images), list(masks), list(keys)))
@@ -200,31 +198,29 @@ class StreamRunner:
             step = self._jit_step if episodic else self._jit_step_donating
             for i in range(n):
                 start = init_state if episodic else state
-                state, dice, info = step(start, images_dev[i], masks_dev[i], keys_dev[i])
-                dices.append(dice)
-                infos.append(info)
+                state, scores = step(start, images_dev[i], masks_dev[i], keys_dev[i])
+                per_image.append(scores)
                 if progress:
-                    progress.update(1, sync=dice)
-            dice = np.asarray(jnp.stack(dices)) if n else np.zeros((0, masks.shape[-1]))
-            info = {k: np.asarray(jnp.stack([d[k] for d in infos])) for k in (infos[0] if infos else {})}
-            return state, dice, info
+                    progress.update(1, sync=scores["dice"])
+            if not n:
+                return state, {"dice": np.zeros((0, masks.shape[-1])), "info": {}}
+            return state, jax.tree.map(lambda *xs: np.asarray(jnp.stack(xs)), *per_image)
 
         c = self.scan_chunk
-        dices, infos = [], []
+        chunks = []
         for lo in range(0, n, c):
             hi = min(lo + c, n)
             pad = c - (hi - lo)
             sl = lambda a: np.concatenate([a[lo:hi], np.repeat(a[hi - 1:hi], pad, 0)]) if pad else a[lo:hi]
             valid = np.arange(c) < (hi - lo)
-            state, (dice, info) = self._jit_chunk(state, init_state, sl(images), sl(masks),
-                                                  sl(np.asarray(keys)), valid, episodic=episodic)
-            dices.append(np.asarray(dice)[: hi - lo])
-            infos.append({k: np.asarray(v)[: hi - lo] for k, v in info.items()})
+            state, scores = self._jit_chunk(state, init_state, sl(images), sl(masks),
+                                            sl(np.asarray(keys)), valid, episodic=episodic)
+            chunks.append(jax.tree.map(lambda v: np.asarray(v)[: hi - lo], scores))
             if progress:
                 progress.update(hi - lo)
-        dice = np.concatenate(dices) if dices else np.zeros((0, masks.shape[-1]))
-        info = {k: np.concatenate([d[k] for d in infos]) for k in (infos[0] if infos else {})}
-        return state, dice, info
+        if not chunks:
+            return state, {"dice": np.zeros((0, masks.shape[-1])), "info": {}}
+        return state, jax.tree.map(lambda *xs: np.concatenate(xs), *chunks)
 
 
 def init_streams(method: Method, variables, keys: jax.Array):
@@ -246,11 +242,11 @@ def _map_streams(one_stream, stream_axes):
 
         def one(args):
             own_leaves, key = args
-            new, dice, info = one_stream(jax.tree.unflatten(treedef, merge(own_leaves, leaves)), image, mask, key)
-            return [leaf for leaf, sh in zip(jax.tree.leaves(new), shared) if not sh], dice, info
+            new, scores = one_stream(jax.tree.unflatten(treedef, merge(own_leaves, leaves)), image, mask, key)
+            return [leaf for leaf, sh in zip(jax.tree.leaves(new), shared) if not sh], scores
 
-        new_own, dice, info = jax.lax.map(one, (own, keys))
-        return jax.tree.unflatten(treedef, merge(new_own, leaves)), dice, info
+        new_own, scores = jax.lax.map(one, (own, keys))
+        return jax.tree.unflatten(treedef, merge(new_own, leaves)), scores
 
     return mapped
 
@@ -260,11 +256,6 @@ def split_seeds(results: list[StreamResult], n_seeds: int) -> list[list[StreamRe
     return [[r._replace(dice=r.dice[:, s], info={k: v[:, s] for k, v in r.info.items()},
                         predictions=({k: v[:, s] for k, v in r.predictions.items()} if r.predictions else None))
              for r in results] for s in range(n_seeds)]
-
-
-def _split_predictions(info):
-    preds = {k[1:]: info.pop(k) for k in list(info) if k.startswith("_")}
-    return info, (preds or None)
 
 
 def _concat_domains(targets, order):
@@ -317,8 +308,8 @@ def run_protocol(method: Method, variables, targets: Sequence, protocol: str, rn
         order = np.random.default_rng(mixed_seed).permutation(sum(t.size for t in targets))
         images, masks, domain_of, ids = _concat_domains(targets, order)
         start = time.perf_counter()
-        _, dice, info = runner.run_stream(init(), images, masks, stream_key, progress=progress)
-        info, preds = _split_predictions(info)
+        _, scores = runner.run_stream(init(), images, masks, stream_key, progress=progress)
+        dice, info, preds = scores["dice"], scores["info"], scores.get("predictions")
         seconds = time.perf_counter() - start
         for d, target in enumerate(targets):
             pos = np.nonzero(domain_of == d)[0]
@@ -338,10 +329,10 @@ def run_protocol(method: Method, variables, targets: Sequence, protocol: str, rn
             else:
                 state = init()
                 key, first = fold(stream_key, t), 0
-            state, dice, info = runner.run_stream(state, target.images, target.masks, key,
+            state, scores = runner.run_stream(state, target.images, target.masks, key,
                                                   episodic=protocol == "episodic", first_index=first,
                                                   progress=progress)
-            info, preds = _split_predictions(info)
+            dice, info, preds = scores["dice"], scores["info"], scores.get("predictions")
             results.append(StreamResult(target.name, tuple(target.ids), dice, info,
                                         time.perf_counter() - start, r, preds,
                                         np.arange(offset, offset + target.size)))

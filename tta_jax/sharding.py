@@ -35,7 +35,7 @@ def _state_specs(stream_axes):
 def shard_map_streams(batched_step, stream_axes=0, mesh: Mesh | None = None):
     """``batched_step(state, image, mask, keys)`` run per device on its slice of streams.
 
-    keys and every output but the state carry the stream axis first; the state
+    keys and every output but the state (the scores pytree) carry the stream axis first; the state
     carries it where ``stream_axes`` says 0 (``Method.stream_axes``; None:
     shared by all streams, replicated); image and mask are shared and replicated.
     """
@@ -43,7 +43,7 @@ def shard_map_streams(batched_step, stream_axes=0, mesh: Mesh | None = None):
     streams, replicated = PartitionSpec(STREAM_AXIS), PartitionSpec()
     state_specs = _state_specs(stream_axes)
     return jax.shard_map(batched_step, mesh=mesh, in_specs=(state_specs, replicated, replicated, streams),
-                         out_specs=(state_specs, streams, streams), check_vma=False)
+                         out_specs=(state_specs, streams), check_vma=False)
 
 
 def shard_streams(tree, mesh: Mesh | None = None, axis: int = 0, stream_axes=0):

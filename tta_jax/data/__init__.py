@@ -14,7 +14,8 @@ DATASETS = ("synthetic_fundus", "folders", *TFDS_DATASETS)
 def get_dataset(name: str, data_dir: str = "", **kwargs):
     """Build a dataset by name; unknown names raise a ValueError listing the choices.
 
-    ``synthetic_fundus`` takes its generator options; ``folders`` a root; the
+    ``synthetic_fundus`` takes its generator options; ``folders`` a root and its
+    :class:`tta_jax.data.folders.FolderOptions`; the
     TFDS datasets take ``data_dir`` (the raw files in their original layout),
     ``tfds_dir`` (where the array_record files go), ``image_size`` and
     ``normalisation``.
@@ -22,7 +23,7 @@ def get_dataset(name: str, data_dir: str = "", **kwargs):
     if name == "synthetic_fundus":
         return SyntheticFundus(**kwargs)
     if name == "folders":
-        return FolderDataset(data_dir)
+        return FolderDataset(data_dir, kwargs)
     if name in TFDS_DATASETS:
         import os
         from tta_jax.data.tfds_builders import TFDSDataset

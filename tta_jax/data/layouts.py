@@ -80,6 +80,20 @@ def decode_fundus_mask(raw: np.ndarray) -> np.ndarray:
 FUNDUS_ODOC_DOMAINS = ("RIM_ONE_r3", "REFUGE", "ORIGA", "REFUGE_Valid", "Drishti_GS")
 
 
+def fundus_mask_path(root: Path, listed: str) -> Path:
+    """The mask file of a CSV row, named as the official GraTa/VPTTA reader opens it.
+
+    That reader replaces a listed ``X.tif`` by ``X-1.tif`` (the RIM-ONE-r3 masks are
+    stored so); we take ``X-1.tif`` when it exists and the listed file otherwise.
+    """
+    path = root / listed
+    if path.suffix.lower() == ".tif":
+        official = path.with_name(f"{path.stem}-1{path.suffix}")
+        if official.exists() or not path.exists():
+            return official if official.exists() else path
+    return path
+
+
 def fundus_odoc_pairs(root: Path):
     """GraTa/VPTTA layout: ``<D>_train.csv``/``<D>_test.csv`` (``REFUGE_Valid.csv``) with image,mask columns.
 
@@ -99,7 +113,7 @@ def fundus_odoc_pairs(root: Path):
                 rows = list(csv.DictReader(f))
             if rows and not {"image", "mask"} <= set(rows[0]):
                 raise ValueError(f"{path}: needs 'image' and 'mask' columns, has {list(rows[0])}")
-            splits[split] = [(f"{domain}/{Path(r['image']).stem}", root / r["image"], root / r["mask"])
+            splits[split] = [(f"{domain}/{Path(r['image']).stem}", root / r["image"], fundus_mask_path(root, r["mask"]))
                              for r in rows]
     if not splits:
         raise FileNotFoundError(f"{root}: no fundus CSV found (expected e.g. RIM_ONE_r3_train.csv)")

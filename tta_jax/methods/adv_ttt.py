@@ -15,25 +15,47 @@ prediction of the iteration with the lowest loss instead of the last one.
 Σ uses its source BN statistics (standard inference of the frozen segmentor;
 ``test_bn_stats=True`` uses the image's own).
 
-Needs the discriminator trained with the segmentor: ``variables`` must hold
-``discriminator`` (``source.adversarial=True``, ``configs/adv_ttt.py``).
+Needs the discriminator trained with the segmentor (declared as the
+companion ``discriminator``: the source stage trains it, ``variables`` hold
+its variables under that name and the factory receives the module).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from tta_jax.adversarial import lsgan_generator_loss
 from tta_jax.bn import forward_source_stats, forward_test_stats
-from tta_jax.methods.base import Method, check_step_input, keep_if_finite, register
-from tta_jax.models import InputAdaptor, MaskDiscriminator
-from tta_jax.models.resunet import with_input_grad_kernels
+from tta_jax.hparams import bounded
+from tta_jax.losses import lsgan_generator_loss
+from tta_jax.methods.base import Method, SourceNeeds, check_step_input, keep_if_finite, register
+from tta_jax.models import InputAdaptor
 
-DEFAULTS = dict(lr=1e-3, n_iter=50, patience=0, keep_best=False, target=1.0, adaptor_features=16,
-                test_bn_stats=False, disc_width=0.25, disc_strides="2,2,1,1,1")
+
+@dataclasses.dataclass(frozen=True)
+class AdvTTTHParams:
+    """Tuning of the input adaptor Ω on each image.
+
+    Attributes:
+      lr: Adam's learning rate for Ω.
+      n_iter: tuning iterations per image (the paper's 50).
+      patience: > 0 stops after that many iterations without a lower loss (official code).
+      keep_best: report the prediction with the lowest loss, not the last one (official code).
+      target: the label the adaptor pushes Δ's score to (1 = real).
+      adaptor_features: Ω's channels.
+      test_bn_stats: Σ with the image's own BN statistics instead of the source ones.
+    """
+
+    lr: float = bounded(1e-3, low=0.0)
+    n_iter: int = bounded(50, low=1)
+    patience: int = bounded(0, low=0)
+    keep_best: bool = False
+    target: float = 1.0
+    adaptor_features: int = bounded(16, low=1)
+    test_bn_stats: bool = False
 
 
 class AdvTTTState(NamedTuple):
@@ -43,34 +65,18 @@ class AdvTTTState(NamedTuple):
     adaptor: Any             # Ω₀, the start of every image's tuning
 
 
-def parse_strides(strides) -> tuple[int, ...]:
-    return tuple(int(s) for s in str(strides).split(",")) if isinstance(strides, str) else tuple(strides)
-
-
-def _hparams(hparams) -> dict:
-    hp = {**DEFAULTS, **hparams}
-    unknown = set(hp) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown adv_ttt options {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-    if int(hp["n_iter"]) < 1:
-        raise ValueError(f"adv_ttt.n_iter must be >= 1, got {hp['n_iter']}")
-    return hp
-
-
-def make_adaptor_tuner(model, hparams):
+def make_adaptor_tuner(model, discriminator, hp: AdvTTTHParams):
     """``(tune_adaptor, adaptor)``: ``tune_adaptor(state, images) -> (Ω, logits, info)`` tunes Ω from Ω₀."""
-    hp = _hparams(hparams)
-    adaptor = InputAdaptor(int(hp["adaptor_features"]))
-    discriminator = MaskDiscriminator(float(hp["disc_width"]), parse_strides(hp["disc_strides"]))
-    optimizer = optax.adam(float(hp["lr"]))
-    patience = int(hp["patience"])
-    segment = forward_test_stats if hp["test_bn_stats"] else forward_source_stats
+    adaptor = InputAdaptor(hp.adaptor_features)
+    optimizer = optax.adam(hp.lr)
+    patience = hp.patience
+    segment = forward_test_stats if hp.test_bn_stats else forward_source_stats
 
     def adversarial_loss(omega, state, images):
         """½(Δ(σ(Σ(Ω(x)))) − target)², and Σ's logits."""
         logits = segment(model, state.params, state.batch_stats, adaptor.apply({"params": omega}, images))
         scores = discriminator.apply(state.discriminator, jax.nn.sigmoid(logits), update_stats=False)
-        return lsgan_generator_loss(scores, float(hp["target"])), logits
+        return lsgan_generator_loss(scores, hp.target), logits
 
     def tune_adaptor(state, images):
         """Tune Ω from Ω₀ on ``images``; returns (Ω, logits to report, info)."""
@@ -96,12 +102,12 @@ def make_adaptor_tuner(model, hparams):
 
         init = (omega0, optimizer.init(omega0), loss0, logits0, jnp.array(0), jnp.array(False))
         (omega, _, best_loss, best_logits, _, _), (losses, active) = jax.lax.scan(
-            body, init, None, length=int(hp["n_iter"]))
+            body, init, None, length=hp.n_iter)
         final_loss, final_logits = adversarial_loss(omega, state, images)
         better = final_loss < best_loss
         best_loss = jnp.where(better, final_loss, best_loss)
         best_logits = jnp.where(better, final_logits, best_logits)
-        logits = best_logits if hp["keep_best"] else final_logits
+        logits = best_logits if hp.keep_best else final_logits
         info = {"loss_before": loss0, "loss_after": final_loss, "loss_best": best_loss,
                 "iterations": jnp.sum(active).astype(jnp.float32)}
         return omega, logits, info
@@ -109,19 +115,17 @@ def make_adaptor_tuner(model, hparams):
     return tune_adaptor, adaptor
 
 
-@register("adv_ttt")
-def make(model, hparams) -> Method:
-    tune_adaptor, adaptor = make_adaptor_tuner(model, hparams)
+@register("adv_ttt", AdvTTTHParams, needs=lambda hp: SourceNeeds(companions=("discriminator",)))
+def make(model, hp: AdvTTTHParams, discriminator) -> Method:
+    tune_adaptor, adaptor = make_adaptor_tuner(model, discriminator, hp)
 
     def init(variables, rng):
         if "discriminator" not in variables:
             raise ValueError("adv_ttt needs the mask discriminator trained with the segmentor: "
-                             "set source.adversarial=True (configs/adv_ttt.py) or give a checkpoint that has it")
+                             "variables['discriminator'] is missing (an adversarial source stage provides it)")
         omega0 = adaptor.init(rng if rng is not None else jax.random.PRNGKey(0),
                               jnp.zeros((1, 32, 32, 3)))["params"]
-        # Σ is frozen: its input-gradient kernels are made once, not in each of the n_iter backward passes
-        return AdvTTTState(with_input_grad_kernels(variables["params"]), variables["batch_stats"],
-                           variables["discriminator"], omega0)
+        return AdvTTTState(variables["params"], variables["batch_stats"], variables["discriminator"], omega0)
 
     def step(state, images, rng):
         del rng

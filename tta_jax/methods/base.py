@@ -9,13 +9,32 @@ A test-time method is a pair of pure functions (DESIGN.md §1)::
 of scalars (losses, learning rates, ...) recorded per image by the runner.
 The factory that builds a :class:`Method` closes over the (static) network
 and hyperparameters, so both functions jit cleanly and hold no hidden state.
+
+A method is one module under ``tta_jax/methods/`` (the package imports every
+module in it), registered with its typed hyperparameters and what it needs
+from the source stage::
+
+    @dataclasses.dataclass(frozen=True)
+    class MyHParams:
+        lr: float = bounded(1e-3, low=0.0)
+
+    @register("my_method", MyHParams)
+    def make(model, hp: MyHParams) -> Method:
+        ...
+
+Config sub-dicts (``--config.my_method.lr``) are generated from the
+declaration; :func:`make_method` checks a mapping of hyperparameters against
+it, from Python and from the command line alike.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+import dataclasses
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from tta_jax import hparams as hp
 
 
 class Method(NamedTuple):
@@ -46,13 +65,58 @@ def shared_leaves(stream_axes, state) -> list[bool]:
     return jax.tree.leaves(marks)
 
 
-_REGISTRY: dict[str, Callable[..., Method]] = {}
+@dataclasses.dataclass(frozen=True)
+class NoHParams:
+    """The declaration of a method without hyperparameters."""
 
 
-def register(name: str):
-    """Register a factory ``factory(model, hparams) -> Method`` under ``name``."""
+class SourceNeeds(NamedTuple):
+    """What a method needs from the source stage, besides the segmentor's own variables.
+
+    ``aux_heads``: self-supervised ResUNet branches trained with the segmentor
+    (GraTa Table 5); ``companions``: other networks trained with it, passed to
+    the method's factory by name and stored in the variables under that name
+    (``"discriminator"``: the adversarial stage's mask discriminator).
+    """
+
+    aux_heads: tuple[str, ...] = ()
+    companions: tuple[str, ...] = ()
+
+
+class MethodSpec(NamedTuple):
+    """A registered method: its factory and its declarations."""
+
+    name: str
+    factory: Callable[..., Method]
+    hparams: type
+    needs: Callable[[Any], SourceNeeds]
+    # data family -> {hyperparameter: default} (e.g. SPEGC's lr for polyps)
+    family_defaults: Mapping[str, Mapping[str, Any]]
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register(name: str, hparams: type = NoHParams, *, needs: Callable[[Any], SourceNeeds] | None = None,
+             family_defaults: Mapping[str, Mapping[str, Any]] | None = None):
+    """Register ``factory(model, hp, **companions) -> Method`` under ``name``.
+
+    Args:
+      hparams: the frozen dataclass declaring the method's hyperparameters
+        (:mod:`tta_jax.hparams`); the factory receives a checked instance.
+      needs: ``needs(hp) -> SourceNeeds``, what the source stage must provide;
+        each companion is passed to the factory as a keyword argument.
+      family_defaults: defaults that differ by data family (``fundus``,
+        ``polyp``, ...), applied to the method's config sub-dict by the config
+        variant that selects the family.
+    """
+    family_defaults = dict(family_defaults or {})
+    for family, values in family_defaults.items():
+        hp.from_mapping(hparams, values, f"{name} ({family} defaults)")
+
     def deco(factory):
-        _REGISTRY[name] = factory
+        _REGISTRY[name] = MethodSpec(name, factory, hparams, needs or (lambda _: SourceNeeds()),
+                                     family_defaults)
         return factory
     return deco
 
@@ -61,26 +125,38 @@ def available_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def make_method(name: str, model, hparams=None) -> Method:
-    """Build the registered method ``name`` for ``model`` with ``hparams`` (a mapping)."""
+def method_spec(name: str) -> MethodSpec:
     if name not in _REGISTRY:
-        raise ValueError(f"unknown method {name!r}; available methods: {available_methods()}")
-    return _REGISTRY[name](model, dict(hparams or {}))
+        raise hp.HParamError(f"unknown method {name!r}; available methods: {', '.join(available_methods())}")
+    return _REGISTRY[name]
 
 
-def supervised_bn_gradient(model, state, images, masks):
-    """The 'empirical' gradient (GraTa Fig. 4): ∇ BCE(f_θ(x), y) w.r.t. the BN affine parameters.
+def method_hparams(name: str, values: Mapping[str, Any] | None = None):
+    """The checked hyperparameters of method ``name`` from a mapping (defaults for missing keys)."""
+    spec = method_spec(name)
+    if isinstance(values, spec.hparams):
+        return values
+    return hp.from_mapping(spec.hparams, values, name)
 
-    ``state`` has ``bn_params``/``frozen_params``/``batch_stats``; test-image BN statistics.
+
+def make_method(name: str, model, hparams: Mapping[str, Any] | Any = None, **companions) -> Method:
+    """Build the registered method ``name`` for ``model``.
+
+    Args:
+      name: a registered method (:func:`available_methods`).
+      model: the segmentor, a Flax module (see README "Python API" for the protocol).
+      hparams: a mapping of hyperparameters (missing keys take the defaults;
+        unknown keys or wrong types raise :class:`tta_jax.hparams.HParamError`)
+        or an instance of the method's declaration.
+      companions: the networks the method declares it needs (``SourceNeeds.companions``).
     """
-    from tta_jax.bn import forward_test_stats, merge_params
-    from tta_jax.losses import bce_with_logits
-
-    def loss(bn_params):
-        logits = forward_test_stats(model, merge_params(bn_params, state.frozen_params), state.batch_stats, images)
-        return bce_with_logits(logits, masks.astype(logits.dtype))
-
-    return jax.grad(loss)(state.bn_params)
+    spec = method_spec(name)
+    checked = method_hparams(name, hparams)
+    wanted = spec.needs(checked).companions
+    missing = [c for c in wanted if c not in companions]
+    if missing:
+        raise hp.HParamError(f"method {name!r} needs {', '.join(missing)} from the source stage")
+    return spec.factory(model, checked, **{c: companions[c] for c in wanted})
 
 
 def check_step_input(images: jax.Array) -> None:
@@ -122,9 +198,9 @@ def keep_if_finite(new_state, old_state, *extra):
     # over streams it stays unbatched.
     changed = [i for i, (a, b) in enumerate(zip(new_leaves, old_leaves)) if a is not b]
     ok = jnp.logical_and(all_finite([new_leaves[i] for i in changed]), all_finite(extra))
-    # lax.cond, not a per-leaf jnp.where: XLA:CPU fuses the select (and the
-    # all-finite reduction) into every consumer of the parameters, which made
-    # a TENT step compile 5x slower (20 s vs 4-6 s measured).
+    # lax.cond, not a per-leaf jnp.where: XLA:CPU fuses a select (and the all-finite
+    # reduction) into every consumer of the parameters, which makes the step compile
+    # several times slower.
     guarded = jax.lax.cond(ok, lambda: [new_leaves[i] for i in changed], lambda: [old_leaves[i] for i in changed])
     for i, leaf in zip(changed, guarded):
         new_leaves[i] = leaf

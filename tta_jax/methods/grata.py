@@ -15,37 +15,25 @@ Eq. 5–6, minimising L_con(θ − ∇L_ent) is, to first order, minimising
 L_con(θ) − ⟨∇L_con, ∇L_ent⟩: the update favours directions where the two
 objectives agree (tested in ``tests/test_grata.py``).
 
-Hyperparameters (config ``grata.*``):
-
-* ``lr`` (β, 1e-4), ``b1``, ``b2`` (Adam, 0.9/0.999);
-* ``lr_schedule``: ``dynamic`` (η, default) or ``fixed`` (β; Table 2);
-* ``lr_map``: ``quadratic`` ¼(x+1)² (default), ``linear`` ½(x+1),
-  ``sigmoid``, ``relu``, ``softplus`` (Table 4);
-* ``lookahead``: True (L_pse(θ − ∇L_aux)) or False (L_pse(θ); Table 2);
-* ``pseudo`` / ``auxiliary``: ``consistency`` / ``entropy`` (default),
-  swapped (Table 3), or any pair of ``entropy``, ``consistency``,
-  ``reconstruction``, ``rotation``, ``super_resolution``, ``denoising``
-  (Table 5; the last four need ``model.aux_heads``, see :mod:`tta_jax.auxiliary`);
-* ``denoise_std`` (1.0, the paper's N(0, 1));
-* ``strong``: overrides of the strong augmentation (e.g. all ``p_*`` = 0
-  for a deterministic step; see :func:`tta_jax.augment.strong_augment`).
+Hyperparameters: :class:`GraTaHParams` (config ``grata.*``).
 """
 from __future__ import annotations
+
+import dataclasses
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import optax
-from jax.flatten_util import ravel_pytree
 
-from tta_jax.augment import invert_weak_views, strong_augment, weak_views
+from tta_jax.augment import StrongViewProbabilities, invert_weak_views, strong_augment, weak_views
 from tta_jax.auxiliary import auxiliary_objective
-from tta_jax.models.resunet import AUX_HEADS
 from tta_jax.bn import forward_test_stats, merge_params
+from tta_jax.hparams import bounded, nested
 from tta_jax.losses import bce_with_logits, sigmoid_entropy_plogp
-from tta_jax.methods.base import Method, check_step_input, keep_if_finite, register, supervised_bn_gradient
-from tta_jax.methods.tent import BN_STREAM_AXES, init_bn_adapt_state
-
-COSINE_EPS = 1e-12
+from tta_jax.methods.base import Method, SourceNeeds, check_step_input, keep_if_finite, register
+from tta_jax.methods.common import BN_STREAM_AXES, gradient_cosine, init_bn_adapt_state, supervised_bn_gradient
+from tta_jax.models.resunet import AUX_HEADS
 
 LR_MAPS = {
     "quadratic": lambda c: 0.25 * (c + 1.0) ** 2,   # the paper's Cus (Eq. 7)
@@ -55,18 +43,50 @@ LR_MAPS = {
     "softplus": jax.nn.softplus,
 }
 OBJECTIVES = ("entropy", "consistency", *AUX_HEADS)
+Objective = Literal["entropy", "consistency", "reconstruction", "rotation", "super_resolution", "denoising"]
+VIEWS_MAPS = ("vmap", "map")
+
+
+@dataclasses.dataclass(frozen=True)
+class GraTaHParams:
+    """GraTa's settings; the defaults are the paper's and the official code's.
+
+    Attributes:
+      lr: β, Adam's base learning rate (Eq. 7).
+      b1, b2: Adam's betas.
+      lr_schedule: ``dynamic`` (η = β·map(cos)) or ``fixed`` (β; Table 2).
+      lr_map: the map of the cosine: ``quadratic`` ¼(x+1)² (Eq. 7), ``linear``
+        ½(x+1), ``sigmoid``, ``relu``, ``softplus`` (Table 4).
+      lookahead: L_pse at θ − ∇L_aux (Eq. 4) or at θ (Table 2).
+      pseudo, auxiliary: the two objectives: ``consistency``/``entropy`` by
+        default, swapped in Table 3, any pair of six in Table 5 (the four
+        self-supervised ones need the model's auxiliary heads).
+      denoise_std: noise of the denoising objective (the paper's N(0, 1)).
+      views_map: how the six teacher views are forwarded (see :func:`teacher_prediction`).
+      strong: probabilities of the strong view's ops (0 switches one off).
+    """
+
+    lr: float = bounded(1e-4, low=0.0)
+    b1: float = bounded(0.9, low=0.0, high=1.0, high_open=True)
+    b2: float = bounded(0.999, low=0.0, high=1.0, high_open=True)
+    lr_schedule: Literal["dynamic", "fixed"] = "dynamic"
+    lr_map: Literal["quadratic", "linear", "sigmoid", "relu", "softplus"] = "quadratic"
+    lookahead: bool = True
+    pseudo: Objective = "consistency"
+    auxiliary: Objective = "entropy"
+    denoise_std: float = bounded(1.0, low=0.0)
+    views_map: Literal["vmap", "map"] = "vmap"
+    strong: StrongViewProbabilities = nested(StrongViewProbabilities)
+
+
+def source_needs(hp: GraTaHParams) -> SourceNeeds:
+    """The self-supervised objectives (Table 5) need their branch trained with the source model."""
+    return SourceNeeds(aux_heads=tuple(o for o in (hp.auxiliary, hp.pseudo) if o in AUX_HEADS))
 
 
 def lookahead_params(params, aux_grads):
     """θ' = θ − ∇L_aux(θ): the look-ahead point of Eq. 4 (unit step, raw gradient)."""
     return jax.tree.map(lambda p, g: p - g, params, aux_grads)
-
-
-def gradient_cosine(g_pse, g_aux):
-    """Cosine between two gradient pytrees, all leaves flattened together (Eq. 7's argument)."""
-    # one flat vector each: three reductions instead of three per leaf (~100 BN leaves)
-    a, b = ravel_pytree(g_pse)[0], ravel_pytree(g_aux)[0]
-    return jnp.vdot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b) + COSINE_EPS)
 
 
 def dynamic_learning_rate(cos, base_lr: float, lr_map: str = "quadratic"):
@@ -82,9 +102,6 @@ def entropy_loss(model, bn_params, frozen, batch_stats, images, key):
     return sigmoid_entropy_plogp(forward_test_stats(model, merge_params(bn_params, frozen), batch_stats, images))
 
 
-VIEWS_MAPS = ("vmap", "map")
-
-
 def _check_views_map(views_map: str) -> None:
     if views_map not in VIEWS_MAPS:
         raise ValueError(f"unknown grata.views_map {views_map!r}; choose one of {list(VIEWS_MAPS)}")
@@ -95,13 +112,12 @@ def teacher_prediction(model, params, batch_stats, images, views_map: str = "vma
 
     ``views_map``: ``vmap`` forwards the 6 views as one batch (each with its own BN
     statistics); ``map`` forwards them one after another with ``lax.map`` — the same
-    numbers in less memory, for large images on a small accelerator (GraTa step,
-    ResNet-34 at 256²: XLA temporaries 176 MB against 311 MB). On the 2-core CPU
-    both took 1.18 s per step (one interleaved run).
+    numbers in less memory (XLA temporaries about half), for large images on a
+    small accelerator.
     """
     _check_views_map(views_map)
     # constant w.r.t. θ: cut the gradient at the parameters, not only at the output, so that
-    # autodiff does not linearise the six-view forward only to discard it (0.5 s of tracing)
+    # autodiff does not linearise (and trace) the six-view forward only to discard it
     params = jax.lax.stop_gradient(params)
     views = weak_views(images)
     mapper = jax.vmap if views_map == "vmap" else (lambda f: (lambda xs: jax.lax.map(f, xs)))
@@ -125,29 +141,12 @@ def consistency_loss(model, bn_params, frozen, batch_stats, images, key, strong_
     return bce_with_logits(student, teacher)
 
 
-@register("grata")
-def make(model, hparams) -> Method:
-    base_lr = float(hparams.get("lr", 1e-4))
-    schedule = hparams.get("lr_schedule", "dynamic")
-    lr_map = hparams.get("lr_map", "quadratic")
-    lookahead = bool(hparams.get("lookahead", True))
-    pseudo, auxiliary = hparams.get("pseudo", "consistency"), hparams.get("auxiliary", "entropy")
-    strong_overrides = dict(hparams.get("strong", {}) or {})
-    for name, value in (("pseudo", pseudo), ("auxiliary", auxiliary)):
-        if value not in OBJECTIVES:
-            raise ValueError(f"unknown grata.{name} objective {value!r}; choose one of {list(OBJECTIVES)}")
-    if schedule not in ("dynamic", "fixed"):
-        raise ValueError(f"unknown grata.lr_schedule {schedule!r}; choose dynamic or fixed")
-    if lr_map not in LR_MAPS:
-        raise ValueError(f"unknown grata.lr_map {lr_map!r}; choose one of {sorted(LR_MAPS)}")
-    strong_augment(jax.random.PRNGKey(0), jnp.zeros((4, 4, 3)), **strong_overrides)  # validate option names
-
-    optimizer = optax.inject_hyperparams(optax.adam)(
-        learning_rate=base_lr, b1=float(hparams.get("b1", 0.9)), b2=float(hparams.get("b2", 0.999)))
-
-    denoise_std = float(hparams.get("denoise_std", 1.0))
-    views_map = hparams.get("views_map", "vmap")
-    _check_views_map(views_map)
+@register("grata", GraTaHParams, needs=source_needs)
+def make(model, hp: GraTaHParams) -> Method:
+    base_lr, lookahead, schedule, lr_map = hp.lr, hp.lookahead, hp.lr_schedule, hp.lr_map
+    strong_overrides = dataclasses.asdict(hp.strong)
+    views_map = hp.views_map
+    optimizer = optax.inject_hyperparams(optax.adam)(learning_rate=base_lr, b1=hp.b1, b2=hp.b2)
 
     def objective(name):
         if name == "entropy":
@@ -155,17 +154,17 @@ def make(model, hparams) -> Method:
         if name == "consistency":
             return lambda p, st, x, k: consistency_loss(model, p, st.frozen_params, st.batch_stats, x, k,
                                                         strong_overrides, views_map)
-        if name not in model.aux_heads:
+        if name not in getattr(model, "aux_heads", ()):
             raise ValueError(f"grata objective {name!r} needs the model's {name!r} branch: add it to "
                              f"model.aux_heads and train the source model with it")
 
         def self_supervised(p, st, x, k):
             params = merge_params(p, st.frozen_params)
             forward = lambda inp: forward_test_stats(model, params, st.batch_stats, inp, return_aux=True)
-            return auxiliary_objective(name, forward, k, x, model.sr_factor, denoise_std)
+            return auxiliary_objective(name, forward, k, x, model.sr_factor, hp.denoise_std)
         return self_supervised
 
-    aux_objective, pse_objective = objective(auxiliary), objective(pseudo)
+    aux_objective, pse_objective = objective(hp.auxiliary), objective(hp.pseudo)
 
     def init(variables, rng):
         del rng

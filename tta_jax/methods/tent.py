@@ -5,49 +5,35 @@ prediction entropy w.r.t. the BN scale/bias with Adam for ``steps`` steps,
 then predict with the updated parameters (adapt-then-predict).  For sigmoid
 (multi-label) outputs the entropy is the Bernoulli entropy per channel
 (:func:`tta_jax.losses.binary_entropy`).
-
-Hyperparameters: ``lr`` (1e-3), ``b1`` (0.9), ``b2`` (0.999), ``steps`` (1).
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from tta_jax.bn import forward_test_stats, merge_params, split_bn_params
+from tta_jax.bn import forward_test_stats, merge_params
+from tta_jax.hparams import bounded
 from tta_jax.losses import binary_entropy
-from tta_jax.methods.base import Method, check_step_input, keep_if_finite, register, supervised_bn_gradient
-from tta_jax.models.resunet import with_input_grad_kernels
+from tta_jax.methods.base import Method, check_step_input, keep_if_finite, register
+from tta_jax.methods.common import BN_STREAM_AXES, gradient_cosine, init_bn_adapt_state, supervised_bn_gradient
 
 
-class BNAdaptState(NamedTuple):
-    """State of methods that train the BN affine parameters only."""
+@dataclasses.dataclass(frozen=True)
+class TentHParams:
+    """Adam on the BN affine parameters: learning rate, betas, updates per image."""
 
-    bn_params: Any
-    frozen_params: Any
-    batch_stats: Any
-    opt_state: Any
-
-
-# streams share the frozen weights and the source statistics; each has its own BN affine + Adam
-BN_STREAM_AXES = BNAdaptState(bn_params=0, frozen_params=None, batch_stats=None, opt_state=0)
+    lr: float = bounded(1e-3, low=0.0)
+    b1: float = bounded(0.9, low=0.0, high=1.0, high_open=True)
+    b2: float = bounded(0.999, low=0.0, high=1.0, high_open=True)
+    steps: int = bounded(1, low=1)
 
 
-def init_bn_adapt_state(variables, optimizer) -> BNAdaptState:
-    bn_params, frozen = split_bn_params(variables["params"], variables["batch_stats"])
-    # The convolution kernels stay frozen: their input-gradient kernels are made once per stream,
-    # not in every backward pass (GraTa step, ResNet-34 at 256²: ~7 % faster).
-    frozen = with_input_grad_kernels(frozen)
-    return BNAdaptState(bn_params, frozen, variables["batch_stats"], optimizer.init(bn_params))
-
-
-@register("tent")
-def make(model, hparams) -> Method:
-    lr = float(hparams.get("lr", 1e-3))
-    steps = int(hparams.get("steps", 1))
-    optimizer = optax.adam(lr, b1=float(hparams.get("b1", 0.9)), b2=float(hparams.get("b2", 0.999)))
+@register("tent", TentHParams)
+def make(model, hp: TentHParams) -> Method:
+    optimizer = optax.adam(hp.lr, b1=hp.b1, b2=hp.b2)
 
     def entropy_loss(bn_params, state, images):
         logits = forward_test_stats(model, merge_params(bn_params, state.frozen_params),
@@ -71,14 +57,14 @@ def make(model, hparams) -> Method:
             return new, loss, n_skipped + (1 - ok.astype(jnp.float32))
 
         new_state, loss, skipped = jax.lax.fori_loop(
-            0, steps, one_update, (state, jnp.zeros(()), jnp.zeros(())))
+            0, hp.steps, one_update, (state, jnp.zeros(()), jnp.zeros(())))
         logits = forward_test_stats(model, merge_params(new_state.bn_params, new_state.frozen_params),
                                     new_state.batch_stats, images)
         return new_state, logits, {"loss": loss, "skipped": skipped}
 
     def analysis(state, images, masks, rng):
         """Cosine between TENT's gradient and the supervised gradient (GraTa Fig. 4's 'TENT')."""
-        from tta_jax.methods.grata import gradient_cosine
+        del rng
         g_ent = jax.grad(entropy_loss)(state.bn_params, state, images)
         return {"cos_empirical": gradient_cosine(g_ent, supervised_bn_gradient(model, state, images, masks))}
 

@@ -22,6 +22,11 @@ import numpy as np
 DISCRIMINATOR_FILTERS = (32, 64, 128, 256, 512)
 
 
+def parse_strides(strides) -> tuple[int, ...]:
+    """``"2,2,1,1,1"`` (a config string) or a sequence → a tuple of ints."""
+    return tuple(int(s) for s in str(strides).split(",")) if isinstance(strides, str) else tuple(strides)
+
+
 class MaskDiscriminator(nn.Module):
     width: float = 1.0
     strides: Sequence[int] = (2, 2, 1, 1, 1)

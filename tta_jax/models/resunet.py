@@ -28,12 +28,11 @@ statistics (see :mod:`tta_jax.bn`).
 from __future__ import annotations
 
 import functools
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax import traverse_util
+
+from tta_jax.models.fast_ops import Conv, UpConv2x, max_pool_3x3_s2
 
 # PyTorch BatchNorm2d defaults: eps 1e-5, momentum 0.1 (= flax momentum 0.9).
 BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
@@ -86,170 +85,6 @@ class BottleneckBlock(nn.Module):
             residual = Conv(self.features * 4, 1, self.strides, use_bias=False, name="downsample_conv")(residual)
             residual = BatchNorm(use_running_average=not train, name="downsample_bn")(residual)
         return nn.relu(y + residual)
-
-
-_DIMS = ("NHWC", "HWIO", "NHWC")
-
-
-def _conv(x, kernel, strides: int, pad: int):
-    return jax.lax.conv_general_dilated(x, kernel, (strides, strides), [(pad, pad), (pad, pad)],
-                                        dimension_numbers=_DIMS)
-
-
-# Name of the optional parameter, next to a frozen square convolution's ``kernel``, that holds
-# its precomputed input-gradient kernel (see :func:`with_input_grad_kernels`).
-INPUT_GRAD_KERNEL = "kernel_input_grad"
-
-
-def input_grad_kernel(kernel):
-    """The kernel of a convolution's input gradient: spatially flipped, in/out channels swapped (HWIO)."""
-    return jnp.transpose(jnp.flip(kernel, (0, 1)), (0, 1, 3, 2))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def conv_same(x, kernel, grad_kernel, strides: int, pad: int):
-    """A square convolution (NHWC/HWIO, symmetric ``pad``) whose input gradient is spelled out.
-
-    The input gradient is the convolution of the (dilated, for ``strides`` > 1)
-    output gradient with :func:`input_grad_kernel` of ``kernel`` — written
-    here as an explicit transpose, which XLA:CPU materialises and hands to
-    its fast convolution library; left to autodiff it keeps the swapped kernel
-    layout and falls back to a slow generic convolution (TENT step, ResNet-34
-    at 256²: 270 of its 600 ms). Values and gradients equal autodiff's
-    (``tests/test_model.py``).
-
-    ``grad_kernel``: ``None``, or ``input_grad_kernel(kernel)`` computed once
-    beforehand for a frozen kernel (:func:`with_input_grad_kernels`). The
-    transpose of all kernels is a strided copy of every weight, ~90 ms of a
-    GraTa step (ResNet-34, 256², two backward passes) when redone per step.
-    The forward value does not depend on it, so its cotangent is zero.
-    """
-    return _conv(x, kernel, strides, pad)
-
-
-def _conv_same_fwd(x, kernel, grad_kernel, strides, pad):
-    return _conv(x, kernel, strides, pad), (x, kernel, grad_kernel)
-
-
-def _conv_same_bwd(strides, pad, residuals, dy):
-    x, kernel, grad_kernel = residuals
-    k = kernel.shape[0]
-    flipped = input_grad_kernel(kernel) if grad_kernel is None else grad_kernel
-    pads = [(k - 1 - pad, k - 1 - pad + (n + 2 * pad - k) % strides) for n in x.shape[1:3]]
-    dx = jax.lax.conv_general_dilated(dy, flipped, (1, 1), pads, lhs_dilation=(strides, strides),
-                                      dimension_numbers=_DIMS)
-    _, kernel_vjp = jax.vjp(lambda kk: _conv(x, kk, strides, pad), kernel)
-    return dx, kernel_vjp(dy)[0], None if grad_kernel is None else jnp.zeros_like(grad_kernel)
-
-
-conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
-
-
-def with_input_grad_kernels(params):
-    """``params`` plus, next to every square convolution's ``kernel``, its precomputed input gradient kernel.
-
-    For weights that stay frozen while gradients flow through them (TENT,
-    GraTa and adversarial TTT differentiate w.r.t. BN parameters or the input
-    only): :class:`Conv` then reuses the stored kernel in every backward pass
-    instead of transposing the kernel again each step. The stored copy is
-    only valid for the kernel it was made from — never add it to parameters
-    that are trained. Costs one more copy of the convolution weights.
-    """
-    flat = traverse_util.flatten_dict(params)
-    extra = {path[:-1] + (INPUT_GRAD_KERNEL,): input_grad_kernel(v) for path, v in flat.items()
-             if path[-1] == "kernel" and v.ndim == 4 and v.shape[0] == v.shape[1] > 1 and v.shape[0] % 2}
-    return traverse_util.unflatten_dict({**flat, **extra})
-
-
-def without_input_grad_kernels(params):
-    """Inverse of :func:`with_input_grad_kernels` (e.g. before saving adapted weights)."""
-    flat = traverse_util.flatten_dict(params)
-    return traverse_util.unflatten_dict({k: v for k, v in flat.items() if k[-1] != INPUT_GRAD_KERNEL})
-
-
-class Conv(nn.Module):
-    """``nn.Conv(features, (k, k), strides, padding=k // 2)`` with the same parameters, names, initialisers.
-
-    k > 1 goes through :func:`conv_same`. k = 1 is a strided slice and a matmul over
-    channels: on XLA:CPU about 2× faster forward than the convolution (and faster
-    backward), and 9× for the two-channel segmentation head (microbenchmarks at
-    ResNet-34 256² shapes). ``tests/test_model.py`` checks both against ``nn.Conv``.
-    """
-
-    features: int
-    kernel_size: int
-    strides: int = 1
-    use_bias: bool = True
-    kernel_init: Any = nn.initializers.lecun_normal()
-    bias_init: Any = nn.initializers.zeros_init()
-
-    @nn.compact
-    def __call__(self, x):
-        k = self.kernel_size
-        kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
-        if k == 1:
-            y = jnp.einsum("nhwc,co->nhwo", x[:, ::self.strides, ::self.strides], kernel[0, 0])
-        else:
-            grad_kernel = None
-            if self.has_variable("params", INPUT_GRAD_KERNEL):
-                grad_kernel = self.get_variable("params", INPUT_GRAD_KERNEL)
-                if grad_kernel.shape != (k, k, self.features, x.shape[-1]):
-                    raise ValueError(f"{INPUT_GRAD_KERNEL} of shape {grad_kernel.shape} does not fit kernel "
-                                     f"{kernel.shape}: make it with with_input_grad_kernels")
-            y = conv_same(x, kernel, grad_kernel, self.strides, k // 2)
-        if self.use_bias:
-            y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32)
-        return y
-
-
-def max_pool_3x3_s2(x):
-    """``nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))`` as the maximum of 9 strided slices.
-
-    The same forward values; XLA:CPU differentiates the chain of maxima with fused
-    element-wise selects, where ``reduce_window``'s gradient (select-and-scatter)
-    cost ~9 ms per backward pass at 256².
-    """
-    n, h, w, c = x.shape
-    ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-    out = None
-    for dy in range(3):
-        for dx in range(3):
-            window = jax.lax.slice(xp, (0, dy, dx, 0), (n, dy + 2 * (ho - 1) + 1, dx + 2 * (wo - 1) + 1, c),
-                                   (1, 2, 2, 1))
-            out = window if out is None else jnp.maximum(out, window)
-    return out
-
-
-class UpConv2x(nn.Module):
-    """``nn.ConvTranspose(features, (2, 2), strides=(2, 2), padding="VALID")`` as a matmul + depth-to-space.
-
-    A 2×2/2 transposed convolution has no overlapping windows: output pixel
-    ``(2i + a, 2j + b)`` is ``x[i, j] @ K[1 − a, 1 − b] + bias`` (Flax does not
-    transpose the kernel, hence the flip). Same parameters, names, shapes and
-    initialisers as the Flax module — checkpoints and the PyTorch converter are
-    unchanged (``tests/test_model.py`` checks the two agree). Written this way
-    because XLA:CPU runs the lhs-dilated convolution that ``ConvTranspose``
-    lowers to, and its gradient, slower than matmuls (GraTa step, ResNet-34 at
-    256²: 1.54–1.62 s with ``ConvTranspose``, 1.27–1.36 s with this form).
-    """
-
-    features: int
-    kernel_init: Any = nn.initializers.lecun_normal()
-    bias_init: Any = nn.initializers.zeros_init()
-
-    @nn.compact
-    def __call__(self, x):
-        kernel = self.param("kernel", self.kernel_init, (2, 2, x.shape[-1], self.features), jnp.float32)
-        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
-        n, h, w, _ = x.shape
-        kernel = kernel[::-1, ::-1]
-        # One matmul per output row parity a: its [n, h, w, (b, o)] result is already output row
-        # 2i + a in memory order, so the two interleave by a cheap row-block concatenation. (A
-        # single einsum to "nhawbo" made XLA:CPU transpose whole activations: 20 % slower GraTa.)
-        rows = [jnp.einsum("nhwc,bco->nhwbo", x, kernel[a]).reshape(n, h, 1, 2 * w, self.features)
-                for a in range(2)]
-        return jnp.concatenate(rows, axis=2).reshape(n, 2 * h, 2 * w, self.features) + bias
 
 
 class UnetBlock(nn.Module):
@@ -406,10 +241,10 @@ def _jit_init(model, rbg_key, image_size, channels):
 
 
 def init_variables(model: nn.Module, rng: jax.Array, image_size: int, channels: int = 3):
-    """Initialise ``model`` variables with a jitted init (eager init takes 20 s+ on CPU).
+    """Initialise ``model`` variables with a jitted init (an eager Flax init is slow on CPU).
 
     The parameters are drawn from an RBG key derived deterministically from
-    ``rng``: XLA:CPU compiles RBG sampling about 3× faster than threefry, and
+    ``rng``: XLA:CPU compiles RBG sampling faster than threefry, and
     an init is compiled once per (model, image size) in a process.
     """
     data = jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng

@@ -15,8 +15,9 @@ This module maps each onto :class:`tta_jax.models.ResUNet`:
 * a ``module.`` prefix (DataParallel) is stripped.
 
 The official checkpoint also holds the auxiliary branches of GraTa's Table 5
-(``recon*``, ``denoise*``, ``supres*``, ``rotate_head``); they are reported
-in ``ignored`` since the segmentation network does not use them.
+(``recon*``, ``denoise*``, ``supres*``, ``rotate_head``) and the classifier
+``res.fc`` that the official ResNet always builds and never uses; they are
+reported in ``ignored`` since the segmentation network does not use them.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from flax import traverse_util
 
 from tta_jax.checkpoints import CheckpointError
 
-AUX_PREFIXES = ("recon", "denoise", "supres", "rotate_head", "pool")
+UNUSED_PREFIXES = ("recon", "denoise", "supres", "rotate_head", "pool", "res.fc.")
 
 
 def _flax_path(key: str) -> tuple[str, tuple[str, ...], str] | None:
@@ -83,7 +84,7 @@ def torch_state_dict_to_flax(state_dict: Mapping[str, np.ndarray], template) -> 
         key = raw_key[len("module."):] if raw_key.startswith("module.") else raw_key
         if key.endswith("num_batches_tracked"):
             continue
-        if key.startswith(AUX_PREFIXES):
+        if key.startswith(UNUSED_PREFIXES):
             ignored.append(key)
             continue
         mapped = _flax_path(key)

@@ -49,12 +49,12 @@ import numpy as np
 from absl import logging
 
 from tta_jax import checkpoints
-from tta_jax.graph_clustering import SinkhornHParams, refined_graph
-from tta_jax.methods import make_method
+from tta_jax.experiment import resolve_method, run_needs
+from tta_jax.methods import make_method, method_spec
+from tta_jax.methods.spegc.graph_clustering import SinkhornHParams, refined_graph
 from tta_jax.models import ResUNet, init_variables
 from tta_jax.runner import StreamRunner, init_streams
-
-TORCH_METHODS = ("tent", "grata")
+from tta_jax.source import companions
 
 
 def _block(tree):
@@ -104,9 +104,8 @@ def break_even(jax_total_first: float, jax_median: float, torch_first: float, to
     return 1 + math.ceil((jax_total_first - torch_first) / (torch_median - jax_median))
 
 
-def bench_method(name, model, variables, hparams, images, key) -> tuple[dict, object]:
-    """Compile times, first image and memory of ``name``; and a ``step(i)`` for :func:`steady_state`."""
-    method = make_method(name, model, hparams)
+def bench_method(method, variables, images, key) -> tuple[dict, object]:
+    """Compile times, first image and memory of ``method``; and a ``step(i)`` for :func:`steady_state`."""
     state = method.init(variables, key)
     keys = jax.random.split(key, len(images))
     cache_dir = tempfile.mkdtemp(prefix="tta_jax_bench_cache_")
@@ -140,10 +139,11 @@ def steady_state(steps: dict, n: int) -> dict:
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def bench_torch(name, config, images_np) -> tuple[dict, object] | None:
+def bench_torch(name, hp, config, images_np) -> tuple[dict, object] | None:
+    """The eager PyTorch reference of ``name`` (if it has one): first image and a ``step(i)``."""
     try:
         import torch
-        from experiments import torch_reference as ref
+        from tta_jax import torch_reference as ref
     except ImportError as err:
         logging.warning("PyTorch reference skipped: %s", err)
         return None
@@ -151,8 +151,9 @@ def bench_torch(name, config, images_np) -> tuple[dict, object] | None:
     torch.set_num_threads(int(b.torch_threads))
     torch.manual_seed(0)
     model = ref.TorchResUNet(config.model.backbone, 2, config.model.width).train()
-    opt = ref.make_adam(model, 1e-4 if name == "grata" else 1e-3)
-    step = (lambda x: ref.grata_step(model, opt, x)) if name == "grata" else (lambda x: ref.tent_step(model, opt, x))
+    step = ref.make_step(name, model, hp)
+    if step is None:
+        return None
     xs = [torch.from_numpy(np.ascontiguousarray(im.transpose(0, 3, 1, 2))) for im in images_np]
     _, first = _timed(lambda: step(xs[0]))
     return {"first_image_s": first, "threads": int(b.torch_threads)}, lambda i: step(xs[i])
@@ -225,11 +226,14 @@ def run_benchmark(config, workdir: str) -> dict:
     key = jax.random.PRNGKey(config.seed)
     variables = init_variables(model, key, size)
     methods = [m for m in b.methods.split(",") if m]
-    from experiments.run import discriminator_of, resolve_method
-    if any(resolve_method(config, m)[0] == "adv_ttt" for m in methods):
-        # random Δ: adv_ttt's cost does not depend on its weights
-        variables = {**variables, "discriminator": discriminator_of(config).init(
-            jax.random.PRNGKey(config.seed + 1), jnp.zeros((1, size, size, 2)))}
+    # companions (adv_ttt's Δ) with random weights: a method's cost does not depend on them
+    nets = companions(config, run_needs(config, methods))
+    for name, net in nets.items():
+        variables = {**variables, name: net.init(jax.random.PRNGKey(config.seed + 1), jnp.zeros((1, size, size, 2)))}
+
+    def build(base, hp):
+        return make_method(base, model, hp, **{c: nets[c] for c in method_spec(base).needs(hp).companions})
+
     rng = np.random.default_rng(config.seed)
     images_np = [rng.uniform(size=(1, size, size, 3)).astype(np.float32) for _ in range(int(b.stream_length))]
     images = [jnp.asarray(x) for x in images_np]
@@ -237,12 +241,12 @@ def run_benchmark(config, workdir: str) -> dict:
                "backbone": config.model.backbone, "width": float(config.model.width),
                "stream_length": int(b.stream_length), "methods": {}}
     for name in methods:
-        base, hparams = resolve_method(config, name)
+        base, hp = resolve_method(config, name)
         logging.info("benchmark: %s", name)
-        row, jax_step = bench_method(base, model, variables, hparams, images, key)
+        row, jax_step = bench_method(build(base, hp), variables, images, key)
         steps = {"jax": jax_step}
-        if base in TORCH_METHODS and b.torch:
-            torch_row = bench_torch(base, config, images_np)
+        if b.torch:
+            torch_row = bench_torch(base, hp, config, images_np)
             if torch_row:
                 row["torch"], steps["torch"] = torch_row
         medians = steady_state(steps, len(images))
@@ -259,8 +263,7 @@ def run_benchmark(config, workdir: str) -> dict:
     masks = (rng.uniform(size=(len(images_np), size, size, 2)) > 0.5).astype(np.uint8)
     stream = np.concatenate(images_np)
     if b.loop_method and (b.loops or b.streams):
-        base, hparams = resolve_method(config, b.loop_method)
-        method = make_method(base, model, hparams)
+        method = build(*resolve_method(config, b.loop_method))
         results["loop_method"] = b.loop_method
         if b.loops:
             logging.info("benchmark: loop forms (%s)", b.loop_method)
@@ -271,7 +274,8 @@ def run_benchmark(config, workdir: str) -> dict:
             results["streams"] = {m: bench_streams(method, variables, stream, masks, key, ks, m)
                                   for m in str(b.stream_maps).split(",") if m}
     if int(b.dgcs_nodes):
-        results["dgcs"] = bench_dgcs(int(b.dgcs_nodes), int(config.spegc.hidden), int(config.spegc.clusters), key)
+        spegc = resolve_method(config, "spegc")[1]
+        results["dgcs"] = bench_dgcs(int(b.dgcs_nodes), spegc.hidden, spegc.clusters, key)
     results["process_max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = Path(workdir)
     out.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
 Used by the equivalence tests and by the benchmark.  The network follows the
 official GraTa/VPTTA layout and parameter names (``res.*``, ``up1..up5``,
-``bnout``, ``seg_head``) so that :func:`tta_jax.models.convert.torch_state_dict_to_flax`
+``bnout``, ``seg_head``) so that :func:`tta_jax.source.convert.torch_state_dict_to_flax`
 maps its ``state_dict`` onto the Flax model; ``width`` scales channels as in
 :class:`tta_jax.models.ResUNet`.
 
@@ -70,7 +70,7 @@ class Bottleneck(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, backbone, width):
+    def __init__(self, backbone, width, official_fc=False):
         super().__init__()
         kind, blocks = STAGES[backbone]
         block = Basic if kind == "basic" else Bottleneck
@@ -86,6 +86,8 @@ class Encoder(nn.Module):
                 cin = planes * block.expansion
             setattr(self, f"layer{i + 1}", nn.Sequential(*layers))
             self.channels.append(cin)
+        if official_fc:   # the official ResNet always builds its ImageNet classifier; nothing uses it
+            self.fc = nn.Linear(cin, 1000)
 
     def forward(self, x):
         x = F.relu(self.bn1(self.conv1(x)))
@@ -109,9 +111,12 @@ class UnetBlock(nn.Module):
 
 
 class TorchResUNet(nn.Module):
-    def __init__(self, backbone="resnet34", num_classes=2, width=1.0):
+    """The official ResUNet; ``official_fc`` also builds the unused ``res.fc`` of the official code,
+    so that its ``state_dict`` has the official key set."""
+
+    def __init__(self, backbone="resnet34", num_classes=2, width=1.0, official_fc=False):
         super().__init__()
-        self.res = Encoder(backbone, width)
+        self.res = Encoder(backbone, width, official_fc)
         ch = self.res.channels
         d = _c(256, width)
         self.up1 = UnetBlock(ch[4], ch[3], d)
@@ -262,3 +267,18 @@ def grata_step(model, optimizer, x, beta=1e-4, strong_off=False, generator=None)
             logits = model(x)
     return logits, {"cos": float(cos.detach()), "eta": eta, "aux_loss": float(aux_loss.detach()),
                     "pse_loss": float(pse_loss.detach())}
+
+
+def make_step(name: str, model, hp):
+    """An eager step ``step(x) -> (logits, info)`` of method ``name`` with ``hp``, or None if not referenced.
+
+    The reference implements ``tent`` and ``grata`` (their default objectives);
+    the benchmark times it against the JAX step.
+    """
+    if name == "tent":
+        opt = torch.optim.Adam(bn_parameters(model), lr=hp.lr, betas=(hp.b1, hp.b2))
+        return lambda x: tent_step(model, opt, x)
+    if name == "grata":
+        opt = torch.optim.Adam(bn_parameters(model), lr=hp.lr, betas=(hp.b1, hp.b2))
+        return lambda x: grata_step(model, opt, x, beta=hp.lr)
+    return None

@@ -9,13 +9,13 @@ One step, for a test image ``x`` (predict after adapt):
    predicted foreground locations the fraction ``p`` with the lowest ``U`` is
    kept and ``n`` nodes are drawn uniformly from it
    (:func:`select_node_locations`); a 2-layer MLP projects them to ``h``.
-2. **SPFE** (Eq. 2–7, :mod:`tta_jax.prompts`): prompts from the commonality and
+2. **SPFE** (Eq. 2–7, :mod:`tta_jax.methods.spegc.prompts`): prompts from the commonality and
    heterogeneity pools are added to the nodes.
 3. **Queue**: the enhanced nodes, node predictions and commonality prompt of the
    ``N`` previous images (constants) join the current image's (pseudo-batch of
    ``N + 1``). It is carried in the state as fixed-size arrays with a validity
    mask (:class:`NodeQueue`), so the step has one shape and compiles once.
-4. **DGCS** (Eq. 8–14, :mod:`tta_jax.graph_clustering`): refined graph ``S*``
+4. **DGCS** (Eq. 8–14, :mod:`tta_jax.methods.spegc.graph_clustering`): refined graph ``S*``
    by OTT-JAX Sinkhorn with ``k = V − Z`` selected edges.
 5. **Loss** (Eq. 15–17): ``L = L_G + λ L_C``; SGD on *all* parameters (network
    incl. BN affine, projection, ``c_p``, prompts, ``W_q``, ``W_k``); never reset
@@ -44,12 +44,11 @@ Decisions where the paper is silent (recorded here and in README):
   mass ``Σ S* ≈ k`` (a constant); ``"sum"`` is Eq. 16 verbatim. With the sum
   (``k = 208`` edges) and the paper's SGD lr 0.005 on all parameters, the
   synthetic continual stream collapsed within 4 images (average Dice 13.2
-  against 64.3 without adaptation; the mean: 86.1). Measured with
-  ``/tmp``-sweeps recorded in the issue-6 closing note.
+  against 64.3 without adaptation; the mean: 86.1; README, SPEGC).
 * ``similarity_init="identity"`` (default): W_q = W_k = I at the start, so Eq. 8
   starts as the scaled Gram matrix of the nodes and the first selected edges
   join similar nodes; ``"random"`` (LeCun normal) made S a random bilinear
-  form and the stream degrade (mean reduction: 31.0).
+  form and the stream degrade (mean reduction: 31.0; README, SPEGC).
 
 Ablations (paper Table 4): ``sampling`` ``uncertainty``/``uniform`` (MC dropout
 on/off), ``prompt_pools`` ``both``/``commonality``/``heterogeneity``/``none``
@@ -57,24 +56,58 @@ on/off), ``prompt_pools`` ``both``/``commonality``/``heterogeneity``/``none``
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import dataclasses
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from tta_jax.bn import forward_test_stats
-from tta_jax.graph_clustering import SinkhornHParams, graph_consistency_loss, refined_graph
+from tta_jax.hparams import bounded
 from tta_jax.methods.base import Method, check_step_input, keep_if_finite, register
-from tta_jax.prompts import clustering_loss, enhance_nodes
+from tta_jax.methods.spegc.graph_clustering import SinkhornHParams, graph_consistency_loss, refined_graph
+from tta_jax.methods.spegc.prompts import clustering_loss, enhance_nodes
 
-DEFAULTS = dict(
-    lr=0.005, momentum=0.0, lam=0.2, keep_fraction=0.5, mc_passes=4, dropout=0.1, nodes_per_image=64,
-    queue_size=3, clusters=48, num_prompts=8, hidden=256, temperature=0.1, sinkhorn_epsilon=0.05,
-    sinkhorn_iterations=20, implicit_diff=False, sampling="uncertainty", prompt_pools="both",
-    graph_loss_reduction="mean", similarity_init="identity")
-SAMPLINGS = ("uncertainty", "uniform")
-PROMPT_POOLS = ("both", "commonality", "heterogeneity", "none")
+
+@dataclasses.dataclass(frozen=True)
+class SPEGCHParams:
+    """SPEGC's settings (paper §4.2 and §4.5); the lr is 0.005 for fundus and 0.01 for polyps.
+
+    Attributes:
+      lr, momentum: SGD on all parameters.
+      lam: λ of Eq. 15.
+      keep_fraction: p, the share of lowest-uncertainty foreground locations kept as nodes.
+      mc_passes, dropout: t Monte-Carlo dropout passes and their rate.
+      nodes_per_image: n nodes drawn per image (V = (queue_size + 1) · n).
+      queue_size: N previous images in the pseudo-batch.
+      clusters: Z; ``k = V − Z`` edges are selected.
+      num_prompts, hidden: M prompts per pool, h.
+      temperature: τ of the node density.
+      sinkhorn_epsilon, sinkhorn_iterations, implicit_diff: the OT solver.
+      sampling, prompt_pools: the Table 4 ablations.
+      graph_loss_reduction, similarity_init: see the module docstring.
+    """
+
+    lr: float = bounded(0.005, low=0.0)
+    momentum: float = bounded(0.0, low=0.0, high=1.0, high_open=True)
+    lam: float = bounded(0.2, low=0.0)
+    keep_fraction: float = bounded(0.5, low=0.0, high=1.0, low_open=True)
+    mc_passes: int = bounded(4, low=2)
+    dropout: float = bounded(0.1, low=0.0, high=1.0, high_open=True)
+    nodes_per_image: int = bounded(64, low=2)
+    queue_size: int = bounded(3, low=0)
+    clusters: int = bounded(48, low=1)
+    num_prompts: int = bounded(8, low=1)
+    hidden: int = bounded(256, low=1)
+    temperature: float = bounded(0.1, low=0.0, low_open=True)
+    sinkhorn_epsilon: float = bounded(0.05, low=0.0, low_open=True)
+    sinkhorn_iterations: int = bounded(20, low=1)
+    implicit_diff: bool = False
+    sampling: Literal["uncertainty", "uniform"] = "uncertainty"
+    prompt_pools: Literal["both", "commonality", "heterogeneity", "none"] = "both"
+    graph_loss_reduction: Literal["mean", "sum"] = "mean"
+    similarity_init: Literal["identity", "random"] = "identity"
 
 
 class NodeQueue(NamedTuple):
@@ -171,43 +204,22 @@ def select_node_locations(foreground, uncertainty, rng, num_nodes: int, keep_fra
     return jax.lax.top_k(priority, num_nodes)[1]
 
 
-def _check(hp):
-    unknown = set(hp) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown spegc options {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-    if hp["sampling"] not in SAMPLINGS:
-        raise ValueError(f"unknown spegc.sampling {hp['sampling']!r}; choose from {list(SAMPLINGS)}")
-    if hp["prompt_pools"] not in PROMPT_POOLS:
-        raise ValueError(f"unknown spegc.prompt_pools {hp['prompt_pools']!r}; choose from {list(PROMPT_POOLS)}")
-    if hp["graph_loss_reduction"] not in ("sum", "mean"):
-        raise ValueError(f"unknown spegc.graph_loss_reduction {hp['graph_loss_reduction']!r}; use sum or mean")
-    if hp["similarity_init"] not in ("identity", "random"):
-        raise ValueError(f"unknown spegc.similarity_init {hp['similarity_init']!r}; use identity or random")
-    if not 0 < hp["keep_fraction"] <= 1:
-        raise ValueError(f"spegc.keep_fraction must be in (0, 1], got {hp['keep_fraction']}")
-    if hp["queue_size"] < 0 or hp["nodes_per_image"] < 2 or hp["mc_passes"] < 2:
-        raise ValueError("spegc needs queue_size >= 0, nodes_per_image >= 2 and mc_passes >= 2")
-
-
-@register("spegc")
-def make(model, hparams) -> Method:
-    hp = {**DEFAULTS, **hparams}
-    _check(hp)
-    n, h, queue_size = int(hp["nodes_per_image"]), int(hp["hidden"]), int(hp["queue_size"])
-    use_co = hp["prompt_pools"] in ("both", "commonality")
-    use_he = hp["prompt_pools"] in ("both", "heterogeneity")
-    sinkhorn_hp = SinkhornHParams(float(hp["sinkhorn_epsilon"]), int(hp["sinkhorn_iterations"]),
-                                  bool(hp["implicit_diff"]))
-    optimizer = optax.sgd(float(hp["lr"]), momentum=float(hp["momentum"]) or None)
+@register("spegc", SPEGCHParams, family_defaults={"polyp": {"lr": 0.01}})
+def make(model, hp: SPEGCHParams) -> Method:
+    n, h, queue_size = hp.nodes_per_image, hp.hidden, hp.queue_size
+    use_co = hp.prompt_pools in ("both", "commonality")
+    use_he = hp.prompt_pools in ("both", "heterogeneity")
+    sinkhorn_hp = SinkhornHParams(hp.sinkhorn_epsilon, hp.sinkhorn_iterations, hp.implicit_diff)
+    optimizer = optax.sgd(hp.lr, momentum=hp.momentum or None)
 
     def forward(net_params, batch_stats, images, **kwargs):
         return forward_test_stats(model, net_params, batch_stats, images, return_features=True, **kwargs)
 
     def node_uncertainty(net_params, batch_stats, images, rng):
         def one_pass(key):
-            return forward(net_params, batch_stats, images, bottleneck_dropout=float(hp["dropout"]),
+            return forward(net_params, batch_stats, images, bottleneck_dropout=hp.dropout,
                            rngs={"dropout": key})[1][0]
-        passes = jax.vmap(one_pass)(jax.random.split(rng, int(hp["mc_passes"])))
+        passes = jax.vmap(one_pass)(jax.random.split(rng, hp.mc_passes))
         return mc_dropout_uncertainty(jax.lax.stop_gradient(passes)).reshape(-1)
 
     def total_loss(params, state, images, rng):
@@ -217,8 +229,8 @@ def make(model, hparams) -> Method:
         logits, features = logits[0].reshape(-1, logits.shape[-1]), features[0].reshape(-1, features.shape[-1])
         foreground = jnp.any(jax.lax.stop_gradient(logits) > 0.0, axis=-1)   # sigmoid > 0.5
         uncertainty = (node_uncertainty(params["net"], state.batch_stats, images, r_drop)
-                       if hp["sampling"] == "uncertainty" else None)
-        idx = select_node_locations(foreground, uncertainty, r_sample, n, float(hp["keep_fraction"]))
+                       if hp.sampling == "uncertainty" else None)
+        idx = select_node_locations(foreground, uncertainty, r_sample, n, hp.keep_fraction)
         graph = params["graph"]
         nodes = project_nodes(graph, features[idx])
         enhanced, p_co = enhance_nodes(nodes, graph["pool_vector"],
@@ -230,14 +242,14 @@ def make(model, hparams) -> Method:
         all_logits = jnp.concatenate([node_logits, q.logits.reshape(-1, node_logits.shape[-1])])
         node_valid = jnp.concatenate([jnp.ones((n,), bool), jnp.repeat(q.valid, n)])
         refined, k = refined_graph(all_nodes, node_valid, graph["w_query"], graph["w_key"],
-                                   int(hp["clusters"]), float(hp["temperature"]), sinkhorn_hp)
+                                   hp.clusters, hp.temperature, sinkhorn_hp)
         l_graph = graph_consistency_loss(refined, all_logits)
-        if hp["graph_loss_reduction"] == "mean":
+        if hp.graph_loss_reduction == "mean":
             l_graph = l_graph / jax.lax.stop_gradient(jnp.maximum(jnp.sum(refined), 1.0))
         l_cluster = (clustering_loss(jnp.concatenate([p_co[None], q.commonality]),
                                      jnp.concatenate([jnp.ones((1,), bool), q.valid]))
                      if use_co else jnp.zeros(()))
-        loss = l_graph + float(hp["lam"]) * l_cluster
+        loss = l_graph + hp.lam * l_cluster
         aux = {"enhanced": enhanced, "node_logits": node_logits, "commonality": p_co,
                "info": {"graph_loss": l_graph, "cluster_loss": l_cluster, "selected_edges": jnp.sum(refined),
                         "k": k.astype(jnp.float32), "foreground": jnp.mean(foreground.astype(jnp.float32))}}
@@ -248,8 +260,8 @@ def make(model, hparams) -> Method:
             lambda v: forward(v["params"], v["batch_stats"], jnp.zeros((1, 32, 32, 3))), variables)
         feature_dim, num_classes = features.shape[-1], logits.shape[-1]
         params = {"net": variables["params"],
-                  "graph": init_graph_params(rng, feature_dim, h, int(hp["num_prompts"]),
-                                            hp["similarity_init"])}
+                  "graph": init_graph_params(rng, feature_dim, h, hp.num_prompts,
+                                            hp.similarity_init)}
         return SPEGCState(params, variables["batch_stats"], optimizer.init(params),
                           empty_queue(queue_size, n, h, num_classes))
 

@@ -7,8 +7,9 @@ Nesterov momentum 0.99, weight decay 5e-4 and the poly schedule
 """
 from __future__ import annotations
 
+import dataclasses
 import time
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,9 +18,33 @@ import optax
 from absl import logging
 
 from tta_jax.augment import source_augment
+from tta_jax.hparams import bounded
 from tta_jax.auxiliary import auxiliary_objective
 from tta_jax.losses import dice_bce_loss
 from tta_jax.metrics import dice_per_channel
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceTraining:
+    """The source stage's settings (config ``source.*``).
+
+    Attributes:
+      steps, batch_size, lr, optimizer: the optimisation (``adam`` with cosine
+        decay, or the official ``sgd``: Nesterov 0.99, weight decay 5e-4, poly).
+      photometric: strength of the photometric jitter of :func:`tta_jax.augment.source_augment`.
+      seed: initialisation and batch sampling.
+      denoise_std: noise of the denoising auxiliary head, when trained.
+      adversarial: train with the mask discriminator (also switched on when a method needs it).
+    """
+
+    steps: int = bounded(800, low=1)
+    batch_size: int = bounded(8, low=1)
+    lr: float = bounded(1e-3, low=0.0, low_open=True)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    photometric: float = bounded(0.2, low=0.0)
+    seed: int = 0
+    denoise_std: float = bounded(1.0, low=0.0)
+    adversarial: bool = False
 
 
 class TrainState(NamedTuple):

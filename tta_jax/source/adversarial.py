@@ -27,6 +27,7 @@ is the ``paper`` setting; CPU runs use 1e-3 with cosine decay), Δ uses Adam
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import NamedTuple
@@ -38,11 +39,41 @@ import optax
 from absl import logging
 
 from tta_jax.augment import source_augment
-from tta_jax.training import make_optimizer
+from tta_jax.hparams import as_dict, bounded
+from tta_jax.losses import lsgan_discriminator_loss, lsgan_generator_loss
+from tta_jax.models.discriminator import MaskDiscriminator, parse_strides
+from tta_jax.source.training import make_optimizer
 
-ADVERSARIAL_DEFAULTS = dict(disc_width=0.25, disc_strides="2,2,1,1,1", disc_lr=1e-4, adv_weight=0.1,
-                            generator_target=0.0, labelled_fraction=1.0, anchor_patch=0.1, anchor_swaps=3,
-                            anchor_noise=0.02, translate=0.1, max_angle=math.pi / 2, instance_noise=0.1)
+
+@dataclasses.dataclass(frozen=True)
+class AdversarialHParams:
+    """The adversarial source stage (config ``adversarial.*``): Δ's architecture and training.
+
+    Attributes:
+      disc_width, disc_strides: Δ's channel multiplier and per-layer strides
+        (comma-separated; the paper's 2,2,1,1,1).
+      disc_lr: Δ's Adam learning rate.
+      adv_weight, generator_target: the generator term's weight and label c.
+      labelled_fraction: < 1 for the semi-supervised stage.
+      anchor_patch, anchor_swaps, anchor_noise: the fake anchors.
+      translate, max_angle, instance_noise: Δ's input augmentation.
+    """
+
+    disc_width: float = bounded(0.25, low=0.0, low_open=True)
+    disc_strides: str = "2,2,1,1,1"
+    disc_lr: float = bounded(1e-4, low=0.0)
+    adv_weight: float = bounded(0.1, low=0.0)
+    generator_target: float = 0.0
+    labelled_fraction: float = bounded(1.0, low=0.0, high=1.0, low_open=True)
+    anchor_patch: float = bounded(0.1, low=0.0, high=1.0)
+    anchor_swaps: int = bounded(3, low=0)
+    anchor_noise: float = bounded(0.02, low=0.0, high=1.0)
+    translate: float = bounded(0.1, low=0.0, high=1.0)
+    max_angle: float = bounded(math.pi / 2, low=0.0)
+    instance_noise: float = bounded(0.1, low=0.0)
+
+    def discriminator(self) -> MaskDiscriminator:
+        return MaskDiscriminator(self.disc_width, parse_strides(self.disc_strides))
 
 
 def weighted_cross_entropy(logits, masks):
@@ -57,17 +88,6 @@ def weighted_cross_entropy(logits, masks):
     w_fg, w_bg = 1.0 - frac_fg, frac_fg
     ce = -(w_fg * masks * jax.nn.log_sigmoid(logits) + w_bg * (1 - masks) * jax.nn.log_sigmoid(-logits))
     return jnp.sum(jnp.mean(ce, axis=axes))
-
-
-def lsgan_discriminator_loss(real_scores, fake_scores, anchor_scores):
-    """½E[(Δ(y) − 1)²] + ½E[(Δ(ỹ) + 1)²] + ½E[(Δ(y_corr) + 1)²] (Eq. 2 with the fake anchors)."""
-    return 0.5 * (jnp.mean((real_scores - 1) ** 2) + jnp.mean((fake_scores + 1) ** 2)
-                  + jnp.mean((anchor_scores + 1) ** 2))
-
-
-def lsgan_generator_loss(scores, target: float = 0.0):
-    """½E[(Δ(Σ(x)) − c)²]: c = 0 in Eq. 2 (training); test-time training uses c = 1 (DESIGN.md §4)."""
-    return 0.5 * jnp.mean((scores - target) ** 2)
 
 
 def fake_anchors(key, mask, patch_fraction: float = 0.1, swaps: int = 3, noise: float = 0.02):
@@ -124,9 +144,10 @@ class AdversarialState(NamedTuple):
 
 def train_adversarial_source(model, discriminator, variables, disc_variables, images, masks, rng, *, steps: int,
                              batch_size: int = 8, lr: float = 1e-3, optimizer: str = "adam",
-                             photometric: float = 0.2, hp: dict | None = None, steps_per_epoch: int = 50):
+                             photometric: float = 0.2, hp: AdversarialHParams = AdversarialHParams(),
+                             steps_per_epoch: int = 50):
     """Alternate Σ and Δ steps for ``steps`` iterations; returns (variables with ``discriminator``, epoch log)."""
-    hp = {**ADVERSARIAL_DEFAULTS, **(hp or {})}
+    hp = as_dict(hp)
     n = len(images)
     if n == 0:
         raise ValueError("source training set is empty")
