@@ -12,10 +12,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config):
-    """A session-local persistent compilation cache: tests that jit the same computation
-    (the same GraTa or TENT step through different wrappers) compile it once per run."""
+    """A persistent compilation cache for this test run: tests that jit the same computation
+    (the same step through different wrappers, the same source model in another run) compile
+    it once. pytest-xdist workers share it (one folder per run, keyed by the controller's id)."""
+    import os
     import tempfile
-    cache = Path(tempfile.mkdtemp(prefix="tta_jax_test_xla_"))
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID", "")
+    if run_id:
+        cache = Path(tempfile.gettempdir()) / f"tta_jax_test_xla_{run_id}"
+        cache.mkdir(exist_ok=True)
+    else:
+        cache = Path(tempfile.mkdtemp(prefix="tta_jax_test_xla_"))
     jax.config.update("jax_compilation_cache_dir", str(cache))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -98,3 +105,42 @@ def micro_model():
 @pytest.fixture(scope="session")
 def micro_variables(micro_model):
     return jax.device_get(jax.jit(lambda k: micro_model.init(k, jnp.zeros((1, 32, 32, 3))))(jax.random.PRNGKey(0)))
+
+
+def _write_folders_domain(root, name, images, masks):
+    from PIL import Image
+    for i, (image, mask) in enumerate(zip(images, masks)):
+        for sub, array in (("images", image), ("masks", mask)):
+            (root / name / sub).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(array).save(root / name / sub / f"im{i}.png")
+
+
+def folders_config(root, cache, methods="no_adapt,bn"):
+    """A config for the tiny two-centre ``folders`` dataset of :func:`tiny_experiment` (S → T, 32²)."""
+    from configs import common
+    c = common.method_config(methods, None)
+    c.dataset, c.data_dir, c.source_domain, c.target_domains = "folders", str(root), "S", "T"
+    c.image_size, c.model.width, c.source.steps, c.seeds, c.plots = 32, 0.125, 10, 1, False
+    c.worst_fraction, c.cache_dir = 0.0, str(cache)
+    return c
+
+
+@pytest.fixture(scope="session")
+def tiny_experiment(tmp_path_factory):
+    """(data root, cache dir) of a tiny two-centre folders dataset; its source model is trained once
+    by the first test that runs it and reused from the cache by the others."""
+    import numpy as np
+    rng = np.random.default_rng(6)
+    root = tmp_path_factory.mktemp("folders_data")
+    for dom, shift in (("S", 0), ("T", 60)):
+        images, masks = [], []
+        for _ in range(5):
+            image = np.clip(rng.normal(100 + shift, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+            mask = np.zeros((32, 32), bool)
+            top = int(rng.integers(4, 12))
+            mask[top:top + 12, top:top + 12] = True
+            image[mask] = 220 - shift
+            images.append(image)
+            masks.append(mask.astype(np.uint8) * 255)
+        _write_folders_domain(root, dom, images, masks)
+    return root, tmp_path_factory.mktemp("folders_cache")

@@ -14,16 +14,21 @@ from tta_jax.models import InputAdaptor, MaskDiscriminator
 from tta_jax.models.discriminator import normalised_kernels
 from tta_jax.runner import StreamRunner
 
-SIZE = 32
+SIZE = 16
 
 
 def test_spectral_norm_bounds_largest_singular_value():
     disc = MaskDiscriminator(width=0.125)
     masks = jax.random.uniform(jax.random.PRNGKey(0), (2, SIZE, SIZE, 2))
-    variables = disc.init(jax.random.PRNGKey(1), masks)
-    apply = jax.jit(lambda v: disc.apply(v, masks, update_stats=True, mutable=["batch_stats"])[1])
-    for _ in range(60):                                      # power iterations, one per training call
-        variables = {"params": variables["params"], **apply(variables)}
+    variables = jax.jit(disc.init)(jax.random.PRNGKey(1), masks)
+    @jax.jit
+    def power_iterations(v):                                 # one per training call, 60 calls
+        def one(_, stats):
+            return disc.apply({"params": v["params"], "batch_stats": stats}, masks, update_stats=True,
+                              mutable=["batch_stats"])[1]["batch_stats"]
+        return {"params": v["params"], "batch_stats": jax.lax.fori_loop(0, 60, one, v["batch_stats"])}
+
+    variables = power_iterations(variables)
     for name, w in normalised_kernels(variables).items():
         top = np.linalg.svd(w, compute_uv=False)[0]
         assert top == pytest.approx(1.0, abs=0.03), name
@@ -66,10 +71,10 @@ def adversarial_model(micro_model, micro_variables):
     ds = SyntheticFundus(num_train=48, num_test=4)
     train = ds.load("A", "train", SIZE)
     disc = MaskDiscriminator(width=0.125)
-    disc_vars = disc.init(jax.random.PRNGKey(1), jnp.zeros((1, SIZE, SIZE, 2)))
+    disc_vars = jax.jit(disc.init)(jax.random.PRNGKey(1), jnp.zeros((1, SIZE, SIZE, 2)))
     variables, epochs = train_adversarial_source(
         micro_model, disc, micro_variables, disc_vars, train.images, train.masks, jax.random.PRNGKey(2),
-        steps=150, batch_size=8, lr=3e-3, steps_per_epoch=50,
+        steps=90, batch_size=8, lr=3e-3, steps_per_epoch=30,
         hp=AdversarialHParams(disc_lr=1e-3))
     return variables, epochs, ds, disc
 
@@ -84,7 +89,7 @@ def test_discriminator_scores_real_masks_above_fake_anchors(adversarial_model):
     assert epochs[-1]["seg_wce"] < epochs[0]["seg_wce"]
 
 
-def test_tuning_the_adaptor_lowers_the_loss_and_changes_only_omega(micro_model, adversarial_model):
+def test_tuning_the_adaptor_lowers_the_loss_and_starts_from_the_identity(micro_model, adversarial_model):
     variables, _, ds, disc = adversarial_model
     method = make_method("adv_ttt", micro_model, {"n_iter": 15, "lr": 1e-2}, discriminator=disc)
     tune, _ = make_adaptor_tuner(micro_model, disc, method_hparams("adv_ttt", {"n_iter": 15, "lr": 1e-2}))
@@ -93,12 +98,8 @@ def test_tuning_the_adaptor_lowers_the_loss_and_changes_only_omega(micro_model, 
     omega, logits, info = jax.jit(tune)(state, image)
     assert float(info["loss_after"]) < float(info["loss_before"])
     assert any(bool(jnp.any(a != b)) for a, b in zip(jax.tree.leaves(omega), jax.tree.leaves(state.adaptor)))
-    new_state, step_logits, _ = jax.jit(method.step)(state, image, jax.random.PRNGKey(1))
-    same = jax.tree.map(lambda a, b: bool(jnp.all(a == b)), new_state, state)
-    assert all(jax.tree.leaves(same))                            # Σ, Δ and Ω₀ untouched: Ω is reset
-    np.testing.assert_allclose(np.asarray(step_logits), np.asarray(logits), atol=1e-5)
     # Ω starts as the identity: zero iterations' worth of tuning = the frozen prediction.
-    omega0_out = InputAdaptor().apply({"params": state.adaptor}, image)
+    omega0_out = jax.jit(InputAdaptor().apply)({"params": state.adaptor}, image)
     np.testing.assert_allclose(np.asarray(omega0_out), np.asarray(image), atol=1e-6)
 
 
@@ -109,8 +110,10 @@ def test_adaptor_is_reset_between_images_and_compiles_once(micro_model, adversar
     data = ds.load("D", "test", SIZE)
     runner = StreamRunner(method)
     state = method.init(variables, jax.random.PRNGKey(0))
-    _, scores = runner.run_stream(state, data.images[:3], data.masks[:3], jax.random.PRNGKey(1))
+    final, scores = runner.run_stream(state, data.images[:3], data.masks[:3], jax.random.PRNGKey(1))
     assert runner.trace_count == 1
+    same = jax.tree.map(lambda a, b: bool(jnp.all(a == b)), final, state)
+    assert all(jax.tree.leaves(same))                            # Σ, Δ and Ω₀ untouched: Ω is reset
     _, alone = runner.run_stream(state, data.images[2:3], data.masks[2:3], jax.random.PRNGKey(1))
     np.testing.assert_allclose(scores["dice"][2], alone["dice"][0], atol=1e-4)   # image 3 unaffected by 1–2
     assert np.all(scores["info"]["iterations"] <= 5)

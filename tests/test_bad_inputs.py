@@ -10,6 +10,7 @@ from PIL import Image
 from tta_jax.data.digest import describe_change, file_digest, manifest
 from tta_jax.data.folders import FolderDataset, FolderOptions
 from tta_jax.hparams import HParamError
+from conftest import folders_config
 
 SIZE = 32
 
@@ -146,35 +147,7 @@ def test_content_manifest_sees_every_change(tmp_path):
     assert file_digest(tmp_path / "elsewhere.pth") == file_digest(tmp_path / "w.pth")
 
 
-# --- through the experiment: one tiny folders dataset, one cached source model --------------
-
-def _tiny_folders(root, rng, n=5):
-    for dom, shift in (("S", 0), ("T", 60)):
-        masks, images = [], []
-        for i in range(n):
-            image = np.clip(rng.normal(100 + shift, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
-            m = _square_mask((32, 32), top=int(rng.integers(4, 12)), side=12)
-            image[m] = 220 - shift
-            masks.append(m.astype(np.uint8) * 255)
-            images.append(image)
-        _domain(root, dom, masks, rng, images)
-
-
-def _config(root, cache):
-    from configs import common
-    c = common.method_config("no_adapt,bn", None)
-    c.dataset, c.data_dir, c.source_domain, c.target_domains = "folders", str(root), "S", "T"
-    c.image_size, c.model.width, c.source.steps, c.seeds, c.plots = 32, 0.125, 10, 1, False
-    c.worst_fraction, c.cache_dir = 0.0, str(cache)
-    return c
-
-
-@pytest.fixture(scope="module")
-def tiny_experiment(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    _tiny_folders(root, np.random.default_rng(6))
-    return root, tmp_path_factory.mktemp("cache")
-
+# --- through the experiment: one tiny folders dataset, one cached source model (conftest) ---------
 
 def _table(res):
     return {m: agg["average"]["mean"] for m, agg in res["methods"].items()}
@@ -186,45 +159,55 @@ def test_changed_data_reruns_exactly_what_depends_on_it(tiny_experiment, tmp_pat
     data = tmp_path / "data"
     shutil.copytree(root, data)
     work = tmp_path / "w"
-    first = run(_config(data, cache), str(work))
+    first = run(folders_config(data, cache), str(work))
     # change a target mask in place and add a target image; rerun into the same workdir
     _save(data / "T" / "masks" / "im0.png", _square_mask((32, 32), top=2, side=20).astype(np.uint8) * 255)
     shutil.copy(data / "T" / "images" / "im1.png", data / "T" / "images" / "im9.png")
     shutil.copy(data / "T" / "masks" / "im1.png", data / "T" / "masks" / "im9.png")
-    again = run(_config(data, cache), str(work))
-    fresh = run(_config(data, cache), str(tmp_path / "fresh"))
+    again = run(folders_config(data, cache), str(work))
+    fresh = run(folders_config(data, cache), str(tmp_path / "fresh"))
     assert _table(again) == _table(fresh) != _table(first)
     saved = json.loads((work / "results.json").read_text())
     seed_run = json.loads((work / "runs" / "bn" / "seed_0.json").read_text())
     assert len(saved["stream_ids"]["T"]) == 6 == len(seed_run["per_image"][0]["ids"])
-    # a changed source domain retrains the source model (and the log says why)
+    # a changed source domain changes the source model's cache key (so it is retrained)
+    from tta_jax.data.digest import manifest_digest
+    from tta_jax.source import source_settings
+    c = folders_config(data, cache)
+    key = lambda: source_settings(c, data_digest=manifest_digest(manifest(
+        FolderDataset(str(data)).load("S", "train", SIZE))))
+    before_change = key()
     _save(data / "S" / "masks" / "im0.png", _square_mask((32, 32), top=1, side=8).astype(np.uint8) * 255)
-    retrained = run(_config(data, cache), str(work))
-    assert retrained["source"]["trained_now"] is True
+    assert key() != before_change and {**key(), "data": ""} == {**before_change, "data": ""}
 
 
-def test_unreadable_seed_files_count_as_absent(tiny_experiment, tmp_path):
+def test_resume_reuses_finished_runs_and_unreadable_ones_count_as_absent(tiny_experiment, tmp_path):
     from tta_jax.experiment import run
     root, cache = tiny_experiment
     work = tmp_path / "w"
-    reference = _table(run(_config(root, cache), str(work)))
-    for damage in ("null", b"\xff\xfe\x00garbage", "directory"):
-        path = work / "runs" / "bn" / "seed_0.json"
-        path.unlink() if path.is_file() else shutil.rmtree(path)
-        if damage == "directory":
-            path.mkdir()
-        elif isinstance(damage, bytes):
-            path.write_bytes(damage)
-        else:
-            path.write_text(damage)
-        assert _table(run(_config(root, cache), str(work))) == reference
-        assert json.loads(path.read_text())["method"] == "bn"
+    c = folders_config(root, cache)
+    c.seeds = 3
+    first = run(c, str(work))
+    again = run(c, str(work))                       # everything reused: nothing compiled
+    assert again["source"]["trained_now"] is False
+    assert [again["methods"][m]["trace_count"] for m in ("no_adapt", "bn")] == [0, 0]
+    assert _table(again) == _table(first)
+    runs = work / "runs" / "bn"
+    (runs / "seed_0.json").write_text("null")
+    (runs / "seed_1.json").write_bytes(b"\xff\xfe\x00garbage")
+    (runs / "seed_2.json").unlink()
+    (runs / "seed_2.json").mkdir()
+    third = run(c, str(work))
+    assert _table(third) == _table(first) and third["methods"]["bn"]["trace_count"] == 1
+    for s in range(3):
+        assert json.loads((runs / f"seed_{s}.json").read_text())["seed"] == s
+    assert (runs / "seed_2.json.unreadable").is_dir()
 
 
 def test_domain_lists_and_workdir_are_checked_before_any_work(tiny_experiment, tmp_path):
     from tta_jax.experiment import run
     root, cache = tiny_experiment
-    c = _config(root, tmp_path / "empty_cache")
+    c = folders_config(root, tmp_path / "empty_cache")
     c.target_domains = "T,T"
     with pytest.raises(HParamError, match="target_domains lists T more than once"):
         run(c, str(tmp_path / "w"))
@@ -263,7 +246,7 @@ def test_non_finite_steps_are_counted_and_shown(tiny_experiment, tmp_path):
         return Method("diverging", init, step, stream_axes={"v": None, "bias": 0})
 
     root, cache = tiny_experiment
-    c = _config(root, cache)
+    c = folders_config(root, cache)
     c.methods = "bn,diverging"
     res = run(c, str(tmp_path / "w"))
     assert res["methods"]["diverging"]["skipped_steps"] == [5] and res["methods"]["bn"]["skipped_steps"] == [0]
@@ -273,3 +256,32 @@ def test_non_finite_steps_are_counted_and_shown(tiny_experiment, tmp_path):
     with pytest.raises(HParamError, match="source.batch_size=0 must be >= 1"):
         c.source.batch_size = 0
         run(c, str(tmp_path / "w2"))
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_gives_the_uninterrupted_table(tiny_experiment, tmp_path):
+    """Kill the CLI (SIGKILL) once a first (method, seed) result is on disk, rerun into the same
+    workdir: results.md equals the one of an uninterrupted run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import REPO
+    root, cache = tiny_experiment
+    args = ["--config=configs/tent.py", "--config.dataset=folders", f"--config.data_dir={root}",
+            "--config.source_domain=S", "--config.target_domains=T", "--config.image_size=32",
+            "--config.model.width=0.125", "--config.source.steps=10", "--config.seeds=3",
+            "--config.worst_fraction=0", "--config.plots=False", f"--config.cache_dir={cache}"]
+    cli = lambda work: [sys.executable, "-m", "experiments.main", *args, f"--workdir={work}"]
+    subprocess.run(cli(tmp_path / "whole"), cwd=REPO, check=True, capture_output=True, timeout=600)
+    work = tmp_path / "killed"
+    proc = subprocess.Popen(cli(work), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list(work.glob("runs/*/seed_*.json")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (work / "results.md").exists()
+    subprocess.run(cli(work), cwd=REPO, check=True, capture_output=True, timeout=600)
+    assert (work / "results.md").read_text() == (tmp_path / "whole" / "results.md").read_text()

@@ -76,10 +76,10 @@ def test_surface_distances_nested_squares_exact():
     pred = _square(30, 7, 23)     # 16×16, inset by 2 on every side
     assd, hd95 = surface_distances(pred, gt)
     # P→G: all 60 surface pixels at 2.  G→P: of 76 surface pixels, per corner one at √8 and two
-    # at √5, the other 64 at 2.  ASSD = (2 + mean_GP) / 2.
-    mean_gp = (64 * 2 + 4 * np.sqrt(8) + 8 * np.sqrt(5)) / 76
-    assert assd == pytest.approx((2 + mean_gp) / 2, rel=1e-9)
-    assert 2.0 <= hd95 <= np.sqrt(8)
+    # at √5, the other 64 at 2.  Pooled (medpy): 124 distances of 2, 8 of √5, 4 of √8.
+    pooled = np.array([2.0] * 124 + [np.sqrt(5)] * 8 + [np.sqrt(8)] * 4)
+    assert assd == pytest.approx(pooled.mean(), rel=1e-9)
+    assert hd95 == pytest.approx(np.percentile(pooled, 95), rel=1e-9) and np.percentile(pooled, 95) == np.sqrt(5)
 
 
 def test_e_and_s_measure_extremes():
@@ -120,3 +120,53 @@ def test_e_measure_counting_form_equals_dense():
     for gt in (np.zeros((8, 8), bool), np.ones((8, 8), bool)):
         prob = rng.random((8, 8))
         assert e_measure_max(prob, gt) == pytest.approx(e_measure_max_dense(prob, gt), rel=1e-12)
+
+
+def _reference_cases():
+    rng = np.random.default_rng(0)
+    gt = _square(64, 20, 40)
+    small = np.zeros((64, 64), bool)
+    small[30:40, 30:40] = True                                        # 2.4 % foreground
+    return [("shifted", np.roll(gt, 3, axis=0) * 0.9, gt),
+            ("random", rng.random((64, 64)), gt),
+            ("smooth", np.clip(gt + rng.normal(0, 0.2, gt.shape), 0, 1), gt),
+            ("small, wrong place", np.roll(small, 20, axis=1).astype(float), small),
+            ("small, uniform noise", rng.random((64, 64)), small),
+            ("small, exact", small.astype(float), small),
+            ("empty prediction", np.zeros((64, 64)), small)]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_e_and_s_measure_equal_pysodmetrics(case):
+    """The polyp papers' evaluation code (PySODMetrics): max E-measure over 256 thresholds, S-measure."""
+    sod = pytest.importorskip("py_sod_metrics", reason="pip install -r requirements-dev.txt")
+    _, prob, gt = _reference_cases()[case]
+    prob = np.round(prob * 255) / 255.0          # the runner keeps 8-bit probabilities
+    em, sm = sod.Emeasure(), sod.Smeasure()
+    em.step(prob, gt.astype(bool), normalize=False)
+    sm.step(prob, gt.astype(bool), normalize=False)
+    assert e_measure_max(prob, gt) == pytest.approx(float(em.get_results()["em"]["curve"].max()), abs=1e-9)
+    assert s_measure(prob, gt) == pytest.approx(float(sm.get_results()["sm"]), abs=1e-9)
+
+
+def test_e_measure_of_a_small_object_is_dominated_by_the_background():
+    """On a 2.4 %-foreground mask a prediction in the wrong place and uniform noise both score ~0.96
+    (as in PySODMetrics): the README says what E-measure does and does not tell."""
+    cases = {name: (prob, gt) for name, prob, gt in _reference_cases()}
+    wrong = e_measure_max(*cases["small, wrong place"])
+    noise = e_measure_max(*cases["small, uniform noise"])
+    assert 0.95 < wrong < 0.97 and 0.95 < noise < 0.97
+    assert full_metrics(cases["small, wrong place"][0] > 0.5, *cases["small, wrong place"])["dice"] < 1e-3
+
+
+@pytest.mark.parametrize("shift", [(3, 0), (2, 5), (0, 0)])
+def test_assd_and_hd95_equal_medpy(shift):
+    """The official fundus evaluation (MedPy): ASSD and HD95 between binary masks, in pixels."""
+    medpy = pytest.importorskip("medpy.metric.binary", reason="pip install -r requirements-dev.txt")
+    gt = _square(48, 10, 30)
+    gt[12:16, 28:34] = True                                           # not a plain square
+    pred = np.roll(np.roll(gt, shift[0], axis=0), shift[1], axis=1)
+    pred[40:43, 5:8] = True                                           # a small false positive far away
+    assd, hd95 = surface_distances(pred, gt)
+    assert assd == pytest.approx(medpy.assd(pred, gt), rel=1e-9)
+    assert hd95 == pytest.approx(medpy.hd95(pred, gt), rel=1e-9)

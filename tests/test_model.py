@@ -57,14 +57,14 @@ def test_init_is_deterministic(tiny_model):
 
 def _same_init_and_output(ours, flax_module, x):
     """Same parameter tree and initial values, and the same outputs with non-trivial parameters."""
-    v_ours = ours.init(jax.random.PRNGKey(3), x)
-    v_flax = flax_module.init(jax.random.PRNGKey(3), x)
+    v_ours = jax.jit(ours.init)(jax.random.PRNGKey(3), x)
+    v_flax = jax.jit(flax_module.init)(jax.random.PRNGKey(3), x)
     assert jax.tree.structure(v_ours) == jax.tree.structure(v_flax)
     for a, b in zip(jax.tree.leaves(v_ours), jax.tree.leaves(v_flax)):
         assert a.shape == b.shape
         np.testing.assert_array_equal(a, b)
     v = jax.tree.map(lambda p: p + jax.random.normal(jax.random.PRNGKey(7), p.shape), v_flax)
-    np.testing.assert_allclose(ours.apply(v, x), flax_module.apply(v, x), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(jax.jit(ours.apply)(v, x), jax.jit(flax_module.apply)(v, x), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("features", [5, 2])
@@ -105,7 +105,7 @@ def test_conv_equals_flax_conv_with_gradients(shape, k, strides):
     x = jax.random.normal(jax.random.PRNGKey(0), shape)
     ours, ref = Conv(5, k, strides), nn.Conv(5, (k, k), strides, padding=[(k // 2, k // 2)] * 2)
     _same_init_and_output(ours, ref, x)
-    v = ref.init(jax.random.PRNGKey(3), x)
-    grads = [jax.grad(lambda v, x: jnp.sum(jnp.sin(m.apply(v, x))), (0, 1))(v, x) for m in (ours, ref)]
+    v = jax.jit(ref.init)(jax.random.PRNGKey(3), x)
+    grads = [jax.jit(jax.grad(lambda v, x: jnp.sum(jnp.sin(m.apply(v, x))), (0, 1)))(v, x) for m in (ours, ref)]
     for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)

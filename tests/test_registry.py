@@ -126,14 +126,6 @@ def test_hyperparameter_typo_from_the_command_line(tmp_path):
             assert key in line
 
 
-def test_wrong_value_from_the_command_line(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "experiments.main", "--config=configs/grata.py",
-                          "--config.tent.lr=-1", f"--workdir={tmp_path}"], cwd=REPO, capture_output=True,
-                         text=True, timeout=180)
-    assert out.returncode == 1 and "Traceback" not in out.stderr
-    assert out.stderr.strip().splitlines()[-1] == "error: tent.lr=-1.0 must be >= 0.0"
-
-
 class UserSegmentor(nn.Module):
     """A user's own small segmentor with BatchNorm (not the ResUNet)."""
 
@@ -147,7 +139,7 @@ class UserSegmentor(nn.Module):
 @pytest.fixture(scope="module")
 def user_model():
     model = UserSegmentor()
-    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
     images = np.asarray(jax.random.uniform(jax.random.PRNGKey(1), (3, 16, 16, 3)))
     masks = (images[..., :2] > 0.5).astype(np.uint8)
     return model, variables, images, masks
@@ -168,14 +160,11 @@ def test_adapt_stream_on_a_users_own_segmentor(user_model, name):
         np.testing.assert_allclose(out.probabilities[0], jax.nn.sigmoid(logits[0]), atol=1e-5)
 
 
-def test_toy_method_end_to_end_through_the_experiment(tmp_path):
+def test_toy_method_end_to_end_through_the_experiment(tiny_experiment, tmp_path):
     """A method defined in this file runs through tta_jax.experiment.run with no other file touched."""
-    from configs import common
+    from conftest import folders_config
     from tta_jax.experiment import run
-    c = common.method_config("bn,toy_shift", "quick")
-    c.image_size, c.model.width, c.synthetic.num_test = 32, 0.125, 3
-    c.source.steps, c.target_domains, c.plots = 20, "B", False
-    c.cache_dir = str(tmp_path / "cache")
+    c = folders_config(*tiny_experiment, methods="bn,toy_shift")
     res = run(c, str(tmp_path / "w"))
     toy, bn = res["methods"]["toy_shift"], res["methods"]["bn"]
     assert toy["trace_count"] == 1

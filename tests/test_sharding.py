@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent("""
     from conftest import MicroSegmentor
     model = MicroSegmentor()
     variables = jax.tree.map(lambda x: x.astype(np.float64),
-                             model.init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3))))
+                             jax.jit(model.init)(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3))))
     targets = [SyntheticFundus(num_train=0, num_test=3).load(d, "test", 32) for d in ("B", "C")]
     targets = [t._replace(images=t.images.astype(np.float64)) for t in targets]
     method = make_method("tent", model, {"lr": 1e-2})

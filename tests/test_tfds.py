@@ -1,7 +1,9 @@
 """TFDS builders: synthetic miniatures of every original layout, and the real samples."""
 import csv
+import os
 import warnings
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -160,3 +162,43 @@ def test_real_polyp_builder(tmp_path):
     ds = TFDSDataset("polyp", shared_data("polyp"), tmp_path / "tfds", image_size=128)
     assert set(ds.domains) == {"Kvasir_SEG", "CVC_ClinicDB"}
     assert len(ds.ids("CVC_ClinicDB", "all")) == 609
+
+
+def test_dofe_sample_as_folders_equals_the_builder(tmp_path):
+    """The shared DoFE sample laid out as plain folders (disc + cup masks in the DoFE encoding) reads
+    to the same images and masks as the fundus_dofe builder, and a fixed model scores the same
+    per-channel table on both."""
+    from configs import source
+    from tta_jax import checkpoints
+    from tta_jax.experiment import run
+    from tta_jax.models import ResUNet, init_variables
+    root = shared_data("fundus_dofe_sample")
+    folders = tmp_path / "folders"
+    for domain in ("Domain1", "Domain2"):
+        for part in ("train", "test"):
+            for kind, sub in (("image", "images"), ("mask", "masks")):
+                for f in sorted((root / domain / part / "ROIs" / kind).glob("*.png")):
+                    (folders / domain / sub).mkdir(parents=True, exist_ok=True)
+                    os.symlink(f, folders / domain / sub / f"{part}-{f.name}")
+    size = 64
+    builder = TFDSDataset("fundus_dofe", root, tmp_path / "tfds", image_size=size)
+    from tta_jax.data import FolderDataset
+    plain = FolderDataset(str(folders), {"mask_encoding": "fundus"})
+    assert plain.channel_names == builder.channel_names == ("disc", "cup")
+    for domain in ("Domain1", "Domain2"):
+        a, b = builder.load(domain, "all", size), plain.load(domain, "all", size)
+        by_id = {i.split("/")[1] + "-" + i.split("/")[2]: k for k, i in enumerate(a.ids)}
+        order = [by_id[i] for i in b.ids]
+        np.testing.assert_array_equal(a.masks[order], b.masks)
+        np.testing.assert_allclose(a.images[order], b.images, atol=1e-6)
+    model = ResUNet(backbone="resnet18", num_classes=2, width=0.125)
+    checkpoints.save_variables(tmp_path / "ckpt", jax.device_get(init_variables(model, jax.random.PRNGKey(0), size)))
+    tables = []
+    for dataset, data_dir, extra in (("fundus_dofe", root, {}), ("folders", folders, {"mask_encoding": "fundus"})):
+        c = source.get_config()
+        c.dataset, c.data_dir, c.image_size, c.tfds_dir = dataset, str(data_dir), size, str(tmp_path / "tfds")
+        c.source_domain, c.target_domains, c.source_checkpoint = "Domain1", "Domain2", str(tmp_path / "ckpt")
+        c.model.width, c.folders.mask_encoding = 0.125, extra.get("mask_encoding", "auto")
+        res = run(c, str(tmp_path / dataset))
+        tables.append(res["source"]["targets_no_adapt"]["Domain2"])
+    assert tables[0] == pytest.approx(tables[1], abs=1e-9) and set(tables[0]) >= {"disc", "cup", "mean"}

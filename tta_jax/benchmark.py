@@ -229,7 +229,7 @@ def run_benchmark(config, workdir: str) -> dict:
     # companions (adv_ttt's Δ) with random weights: a method's cost does not depend on them
     nets = companions(config, run_needs(config, methods))
     for name, net in nets.items():
-        variables = {**variables, name: net.init(jax.random.PRNGKey(config.seed + 1), jnp.zeros((1, size, size, 2)))}
+        variables = {**variables, name: jax.jit(net.init)(jax.random.PRNGKey(config.seed + 1), jnp.zeros((1, size, size, 2)))}
 
     def build(base, hp):
         return make_method(base, model, hp, **{c: nets[c] for c in method_spec(base).needs(hp).companions})

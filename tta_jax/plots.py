@@ -38,22 +38,49 @@ def _seed_runs(workdir: Path, method: str):
     return sorted((workdir / "runs" / method).glob("seed_*.json"))
 
 
+# line styles cycle with the colours, so that methods whose curves coincide stay visible
+_STYLES = [dict(ls="-"), dict(ls="--"), dict(ls=":", lw=2.0), dict(ls="-.")]
+
+
 def stream_curves(results: dict, workdir, path, window: int = 10) -> None:
+    """Dice along the stream (running mean) of the first seed of every method, centres marked.
+
+    Methods whose per-image Dice is identical are drawn once and named together
+    in the legend (``bn ≡ grata``).
+    """
     workdir = Path(workdir)
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    curves, seed, bounds = {}, None, []
     for m in results["methods"]:
         files = _seed_runs(workdir, m)
         if not files:
             continue
         run = json.loads(files[0].read_text())
+        seed = run["seed"] if seed is None else seed
         dice = np.concatenate([np.mean(e["dice"], axis=1) for e in run["per_image"]])
+        domains = np.concatenate([[e["domain"]] * len(e["ids"]) for e in run["per_image"]])
         if "positions" in run["per_image"][0]:
             order = np.argsort(np.concatenate([e["positions"] for e in run["per_image"]]))
-            dice = dice[order]
-        kernel = np.ones(min(window, len(dice))) / min(window, len(dice))
-        ax.plot(np.convolve(dice, kernel, mode="valid"), label=m)
+            dice, domains = dice[order], domains[order]
+        if results["protocol"] != "mixed":   # a mixed stream interleaves the centres
+            starts = [0] + [i for i in range(1, len(domains)) if domains[i] != domains[i - 1]]
+            bounds = [(i, domains[i]) for i in starts]
+        same = next((k for k, v in curves.items() if len(v) == len(dice) and np.array_equal(v, dice)), None)
+        if same is not None:
+            curves[f"{same} ≡ {m}"] = curves.pop(same)
+        else:
+            curves[m] = dice
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for k, (label, dice) in enumerate(curves.items()):
+        w = min(window, len(dice))
+        x = np.arange(w - 1, len(dice))
+        ax.plot(x, np.convolve(dice, np.ones(w) / w, mode="valid"), label=label, **_STYLES[k % len(_STYLES)])
+    for start, domain in bounds:
+        ax.axvline(start, color="grey", lw=0.6)
+        ax.text(start, 1.0, f" {domain}", transform=ax.get_xaxis_transform(), va="top", fontsize=7, color="grey")
     ax.set_xlabel("image in stream")
     ax.set_ylabel(f"Dice ×100 (running mean of {window})")
+    ax.set_title(f"{results['dataset']}: source {results['source_domain']}, {results['protocol']}, seed {seed}",
+                 fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

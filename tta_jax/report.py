@@ -10,9 +10,9 @@ from tta_jax import checkpoints
 
 
 def mean_std(values) -> tuple[float, float]:
-    """Mean and population std (ddof=0) over seeds; std is 0 for one seed."""
+    """Mean and population std (ddof=0) over seeds; exactly 0 when the seeds agree (no 1e-15 noise)."""
     v = np.asarray(values, dtype=np.float64)
-    return float(v.mean()), float(v.std())
+    return float(v.mean()), 0.0 if np.ptp(v) == 0 else float(v.std())
 
 
 def fmt(mean: float, std: float) -> str:
@@ -93,7 +93,7 @@ def worst_images(runs_by_method: dict, reference: str = "no_adapt", fraction: fl
 
 def worst_images_table(w: dict) -> str:
     pct = f"{100 * w['fraction']:g} %"
-    rows = [f"| method | all images | worst {pct} ({w['n_images']} images, ranked by {w['reference']}) |",
+    rows = [f"| method | all images pooled | worst {pct} ({w['n_images']} images, ranked by {w['reference']}) |",
             "|---|---|---|"]
     rows += [f"| {n} | {fmt(**m['all'])} | {fmt(**m['worst'])} |" for n, m in w["methods"].items()]
     return "\n".join(rows)
@@ -126,9 +126,11 @@ def rounds_table(methods: dict) -> str:
     return "\n".join(rows)
 
 
-def markdown_table(methods: dict, targets: list[str], key: str = "mean") -> str:
-    """Rows = methods, columns = target domains + average (Dice ×100, mean ± std over seeds)."""
-    head = "| method | " + " | ".join(targets) + " | average |"
+def markdown_table(methods: dict, targets: list[str], key: str = "mean", counts: dict | None = None) -> str:
+    """Rows = methods, columns = target domains (with their image counts) + the unweighted average
+    over targets (Dice ×100, mean ± std over seeds)."""
+    names = [f"{t} (n={counts[t]})" if counts and t in counts else t for t in targets]
+    head = "| method | " + " | ".join(names) + " | average over targets |"
     sep = "|" + "---|" * (len(targets) + 2)
     rows = [head, sep]
     for name, agg in methods.items():
@@ -202,20 +204,23 @@ def merged_csv(rows: list[dict]) -> str:
 def adapt_table(results) -> str:
     targets, methods = results["target_domains"], results["methods"]
     own = results["source"]["own_domain_heldout"]
+    counts = {t: len(ids) for t, ids in results.get("stream_ids", {}).items()}
     lines = [f"# {results['dataset']}: source {results['source_domain']} → {', '.join(targets)}",
-             f"protocol {results['protocol']}, seeds {results['seeds']}, Dice ×100 (mean ± std over seeds)", "",
-             markdown_table(methods, targets), ""]
+             f"protocol {results['protocol']}, seeds {results['seeds']}, Dice ×100 (mean ± std over seeds); "
+             "n = images per target; the average weighs every target alike", "",
+             markdown_table(methods, targets, counts=counts), ""]
     if len(results["channels"]) > 1:
         for ch in results["channels"]:
-            lines += [f"Dice of channel `{ch}`:", "", markdown_table(methods, targets, key=ch), ""]
+            lines += [f"Dice of channel `{ch}`:", "", markdown_table(methods, targets, key=ch, counts=counts), ""]
     if all("metrics" in agg for agg in methods.values()):
         lines += ["All metrics (per-channel mean, averaged over targets):", "", metrics_table(methods), ""]
     if all("round_means" in agg for agg in methods.values()):
         lines += [f"Long-term protocol ({results['config']['rounds']} rounds):", "",
                   rounds_table(methods), ""]
     if "worst_images" in results:
-        lines += ["Per-image Dice (channel mean) over all target images and over the images no_adapt "
-                  "segments worst:", "", worst_images_table(results["worst_images"]), ""]
+        lines += ["Per-image Dice (channel mean) over all target images pooled (every image weighs "
+                  "alike) and over the images no_adapt segments worst:", "",
+                  worst_images_table(results["worst_images"]), ""]
     if results["protocol"] == "mixed":
         lines += [f"Mixed stream: all target images shuffled with seed {results['config']['mixed_seed']}.", ""]
     lines += [skipped_steps_line(methods, results["seeds"]), ""]

@@ -123,7 +123,7 @@ def make(model, hp: AdvTTTHParams, discriminator) -> Method:
         if "discriminator" not in variables:
             raise ValueError("adv_ttt needs the mask discriminator trained with the segmentor: "
                              "variables['discriminator'] is missing (an adversarial source stage provides it)")
-        omega0 = adaptor.init(rng if rng is not None else jax.random.PRNGKey(0),
+        omega0 = jax.jit(adaptor.init)(rng if rng is not None else jax.random.PRNGKey(0),
                               jnp.zeros((1, 32, 32, 3)))["params"]
         return AdvTTTState(variables["params"], variables["batch_stats"], variables["discriminator"], omega0)
 

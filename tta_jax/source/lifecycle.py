@@ -116,7 +116,7 @@ def get_source_model(config, model, dataset, source: str, needs: SourceNeeds = S
     _, adversarial = resolved_source(config, needs)
     template = init_variables(model, jax.random.PRNGKey(config.source.seed), config.image_size)
     if adversarial:
-        disc_template = adversarial_hparams(config).discriminator().init(
+        disc_template = jax.jit(adversarial_hparams(config).discriminator().init)(  # eager Flax init is slow
             jax.random.PRNGKey(config.source.seed + 1),
             jnp.zeros((1, config.image_size, config.image_size, model.num_classes)))
         template = {**template, "discriminator": disc_template}

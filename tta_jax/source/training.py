@@ -8,6 +8,7 @@ Nesterov momentum 0.99, weight decay 5e-4 and the poly schedule
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Literal, NamedTuple
 
@@ -113,13 +114,17 @@ def train_source(model, variables, images: np.ndarray, masks: np.ndarray, rng: j
     return {"params": state.params, "batch_stats": state.batch_stats}, history
 
 
-def evaluate_source_stats(model, variables, images: np.ndarray, masks: np.ndarray, batch_size: int = 32):
-    """Per-image Dice [N, C] of the model with its running (source) BN statistics."""
-    @jax.jit
-    def predict(x, y):
-        logits = model.apply(variables, x, train=False)
-        return dice_per_channel(logits, y)
+@functools.partial(jax.jit, static_argnums=0)
+def _source_stats_dice(model, variables, images, masks):
+    return dice_per_channel(model.apply(variables, images, train=False), masks)
 
-    out = [np.asarray(predict(images[i:i + batch_size], masks[i:i + batch_size]))
+
+def evaluate_source_stats(model, variables, images: np.ndarray, masks: np.ndarray, batch_size: int = 32):
+    """Per-image Dice [N, C] of the model with its running (source) BN statistics.
+
+    One jitted function for every call (the network static), so evaluating several
+    domains or runs in a process compiles once per batch shape.
+    """
+    out = [np.asarray(_source_stats_dice(model, variables, images[i:i + batch_size], masks[i:i + batch_size]))
            for i in range(0, len(images), batch_size)]
     return np.concatenate(out)
