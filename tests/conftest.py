@@ -127,11 +127,30 @@ def folders_config(root, cache, methods="no_adapt,bn"):
 
 @pytest.fixture(scope="session")
 def tiny_experiment(tmp_path_factory):
-    """(data root, cache dir) of a tiny two-centre folders dataset; its source model is trained once
-    by the first test that runs it and reused from the cache by the others."""
+    """(data root, cache dir) of a tiny two-centre folders dataset and a cache holding its trained
+    source model. pytest-xdist workers share both (one folder per test run): the first worker
+    writes the data and trains the model under a file lock; the others find them."""
+    import fcntl
+    import os
+    import tempfile
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run_id:
+        base = Path(tempfile.gettempdir()) / f"tta_jax_test_tiny_{run_id}"
+        base.mkdir(exist_ok=True)
+    else:
+        base = tmp_path_factory.mktemp("tiny")
+    with open(base / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (base / "ready").exists():
+            _make_tiny_experiment(base / "data", base / "cache")
+            (base / "ready").write_text("")
+    return base / "data", base / "cache"
+
+
+def _make_tiny_experiment(root, cache):
     import numpy as np
+    from tta_jax.experiment import run
     rng = np.random.default_rng(6)
-    root = tmp_path_factory.mktemp("folders_data")
     for dom, shift in (("S", 0), ("T", 60)):
         images, masks = [], []
         for _ in range(5):
@@ -143,4 +162,6 @@ def tiny_experiment(tmp_path_factory):
             images.append(image)
             masks.append(mask.astype(np.uint8) * 255)
         _write_folders_domain(root, dom, images, masks)
-    return root, tmp_path_factory.mktemp("folders_cache")
+    config = folders_config(root, cache)
+    config.mode = "source"
+    run(config, str(cache.parent / "source_run"))     # trains and caches the source model
