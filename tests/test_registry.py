@@ -172,3 +172,23 @@ def test_toy_method_end_to_end_through_the_experiment(tiny_experiment, tmp_path)
     with pytest.raises(HParamError, match="toy_shift.shift=-1.0 must be >= 0.0"):
         c.toy_shift.shift = -1.0
         run(c, str(tmp_path / "w2"))
+
+
+def test_methods_read_alone():
+    """No method module imports another method, the source stage or the experiment layer."""
+    import ast
+    methods_dir = REPO / "tta_jax" / "methods"
+    shared = {"tta_jax.methods", "tta_jax.methods.base", "tta_jax.methods.common"}
+    forbidden = ("tta_jax.source", "tta_jax.experiment", "tta_jax.evaluate", "tta_jax.benchmark", "experiments")
+    for path in sorted(methods_dir.rglob("*.py")):
+        rel = path.relative_to(REPO).with_suffix("")
+        own = ".".join(rel.parts[:3])          # tta_jax.methods.<method> (a module or a package)
+        if own in shared or rel.name == "__init__" and rel.parent == methods_dir.relative_to(REPO):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            for name in names:
+                assert not name.startswith(forbidden), f"{rel} imports {name}"
+                if name.startswith("tta_jax.methods.") and name not in shared:
+                    assert name == own or name.startswith(own + "."), f"{rel} imports another method: {name}"
