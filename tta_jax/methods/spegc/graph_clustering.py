@@ -33,9 +33,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from ott.geometry import geometry
-from ott.problems.linear import linear_problem
-from ott.solvers.linear import implicit_differentiation, sinkhorn
 
 from tta_jax.losses import bernoulli_kl
 
@@ -99,6 +96,12 @@ def sinkhorn_edge_selection(edge_affinity, edge_valid, num_selected, hp: Sinkhor
     k = jnp.clip(jnp.asarray(num_selected, dtype), 1.0, n_valid - 1.0)
     a = edge_valid.astype(dtype) / n_valid
     b = jnp.stack([n_valid - k, k]) / n_valid
+    # OTT-JAX is imported here, not at the top: it is the heaviest import of the library, and only
+    # SPEGC's step needs it
+    from ott.geometry import geometry
+    from ott.problems.linear import linear_problem
+    from ott.solvers.linear import implicit_differentiation, sinkhorn
+
     geom = geometry.Geometry(cost_matrix=edge_selection_cost(edge_affinity, edge_valid), epsilon=hp.epsilon)
     implicit = (implicit_differentiation.ImplicitDiff(solver_kwargs={"ridge_kernel": hp.ridge})
                 if hp.implicit else None)
