@@ -1,6 +1,5 @@
 """Hostile but realistic inputs: each gives the correct result or one clear error naming the problem."""
 import json
-import os
 import shutil
 
 import numpy as np
@@ -8,7 +7,7 @@ import pytest
 from PIL import Image
 
 from tta_jax.data.digest import describe_change, file_digest, manifest
-from tta_jax.data.folders import FolderDataset, FolderOptions
+from tta_jax.data.folders import FolderDataset
 from tta_jax.hparams import HParamError
 from conftest import folders_config
 

@@ -3,7 +3,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.flatten_util import ravel_pytree
 
 from tta_jax.augment import STRONG_OFF, invert_weak_views, strong_augment, weak_views
 from tta_jax.bn import merge_params

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from tta_jax.bn import forward_source_stats, forward_test_stats, merge_params, split_bn_params
+from tta_jax.bn import forward_test_stats, merge_params, split_bn_params
 from tta_jax.losses import binary_entropy
 from tta_jax.methods import available_methods, make_method
 

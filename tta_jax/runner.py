@@ -33,7 +33,7 @@ after the step; it never reaches the method.
 from __future__ import annotations
 
 import time
-from typing import Any, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
