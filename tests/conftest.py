@@ -1,5 +1,14 @@
 """Shared fixtures: a tiny ResUNet, and the real data folder (skipped when absent)."""
+import os
 from pathlib import Path
+
+# The tests jit many small programs once each, so XLA's compile time, not their run time,
+# is what the fast tier waits for; LLVM's optimisation passes are most of that compile time
+# and buy nothing at these sizes. Set before JAX creates its CPU backend (subprocesses
+# started by the tests inherit it). A level set by the caller is kept.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+                               " --xla_llvm_disable_expensive_passes=true").strip()
 
 import flax.linen as nn
 import jax
@@ -15,7 +24,6 @@ def pytest_configure(config):
     """A persistent compilation cache for this test run: tests that jit the same computation
     (the same step through different wrappers, the same source model in another run) compile
     it once. pytest-xdist workers share it (one folder per run, keyed by the controller's id)."""
-    import os
     import tempfile
     run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID", "")
     if run_id:
@@ -131,7 +139,6 @@ def tiny_experiment(tmp_path_factory):
     source model. pytest-xdist workers share both (one folder per test run): the first worker
     writes the data and trains the model under a file lock; the others find them."""
     import fcntl
-    import os
     import tempfile
     run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
     if run_id:
