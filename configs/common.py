@@ -48,6 +48,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.mixed_seed = 2026               # mixed: permutation seed of the shuffled stream
     c.worst_fraction = 0.1            # report Dice on the worst-segmented 10 % (by no_adapt); 0: off
     c.metrics = "dice"                # dice | full (+ IoU, ASSD, HD95, E-measure, S-measure)
+    c.distance_unit = "resized_pixels"  # ASSD/HD95 in pixels of the image_size² arrays | native_pixels (stored images)
     c.loop = "auto"                   # auto (python on CPU, scan on GPU/TPU) | python | scan
     c.scan_chunk = 16
     c.scan_unroll = 1                 # scan: steps unrolled per scan iteration

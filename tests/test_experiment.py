@@ -134,6 +134,35 @@ def test_long_term_mixed_and_full_metrics(tiny_experiment, tmp_path):
     assert positions == list(range(5)) and res["config"]["mixed_seed"] == 2026
 
 
+def test_distances_in_native_pixels(tiny_experiment, tmp_path):
+    """Target images stored at twice the model's size: ASSD/HD95 in native pixels are exactly
+    twice those in resized pixels, image by image (empty cases included), and the table says so."""
+    import shutil
+    from PIL import Image
+    from conftest import folders_config
+    data, cache = tiny_experiment
+    root = tmp_path / "data"
+    shutil.copytree(data / "S", root / "S")    # same content: the cached source model is reused
+    for sub, resample in (("images", Image.BICUBIC), ("masks", Image.NEAREST)):
+        (root / "T" / sub).mkdir(parents=True)
+        for f in sorted((data / "T" / sub).iterdir()):
+            with Image.open(f) as im:
+                im.resize((64, 64), resample).save(root / "T" / sub / f.name)
+    c = folders_config(root, cache, methods="no_adapt")
+    c.metrics = "full"
+    distances = {}
+    for unit in ("resized_pixels", "native_pixels"):
+        c.distance_unit = unit
+        run(c, str(tmp_path / unit))
+        seed_run = json.loads((tmp_path / unit / "runs" / "no_adapt" / "seed_0.json").read_text())
+        distances[unit] = np.array([[ch[k] for ch in m.values() for k in ("assd", "hd95")]
+                                    for e in seed_run["per_image"] for m in e["metrics"]])
+    assert distances["resized_pixels"].shape == (5, 2) and distances["resized_pixels"].min() > 0
+    np.testing.assert_allclose(distances["native_pixels"], 2 * distances["resized_pixels"], rtol=1e-12)
+    assert "pixels of the 32×32 arrays" in (tmp_path / "resized_pixels" / "results.md").read_text()
+    assert "native resolution" in (tmp_path / "native_pixels" / "results.md").read_text()
+
+
 @pytest.mark.slow
 def test_default_tent_config_domain_gap(tmp_path):
     """The acceptance run: default synthetic benchmark, source ≥ 85 Dice and a ≥ 10-point gap."""

@@ -170,3 +170,8 @@ def test_assd_and_hd95_equal_medpy(shift):
     assd, hd95 = surface_distances(pred, gt)
     assert assd == pytest.approx(medpy.assd(pred, gt), rel=1e-9)
     assert hd95 == pytest.approx(medpy.hd95(pred, gt), rel=1e-9)
+    # native pixels of an image stored at 96×60 and resized to 48²: medpy's voxel spacing
+    spacing = (2.0, 1.25)
+    assd, hd95 = surface_distances(pred, gt, spacing)
+    assert assd == pytest.approx(medpy.assd(pred, gt, voxelspacing=spacing), rel=1e-9)
+    assert hd95 == pytest.approx(medpy.hd95(pred, gt, voxelspacing=spacing), rel=1e-9)

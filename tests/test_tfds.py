@@ -191,6 +191,9 @@ def test_dofe_sample_as_folders_equals_the_builder(tmp_path):
         order = [by_id[i] for i in b.ids]
         np.testing.assert_array_equal(a.masks[order], b.masks)
         np.testing.assert_allclose(a.images[order], b.images, atol=1e-6)
+        # the stored sizes (for distances in native pixels), e.g. 800×800 DoFE crops
+        np.testing.assert_array_equal(a.native_sizes[order], b.native_sizes)
+        assert b.native_sizes.min() > size
     model = ResUNet(backbone="resnet18", num_classes=2, width=0.125)
     checkpoints.save_variables(tmp_path / "ckpt", jax.device_get(init_variables(model, jax.random.PRNGKey(0), size)))
     tables = []

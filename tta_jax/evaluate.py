@@ -35,7 +35,8 @@ def subsample_stream(data: DomainData, max_images: int) -> DomainData:
     if not max_images or max_images >= data.size:
         return data
     keep = np.unique(np.linspace(0, data.size - 1, int(max_images)).round().astype(int))
-    return DomainData(data.name, data.images[keep], data.masks[keep], tuple(data.ids[i] for i in keep))
+    sizes = None if data.native_sizes is None else data.native_sizes[keep]
+    return DomainData(data.name, data.images[keep], data.masks[keep], tuple(data.ids[i] for i in keep), sizes)
 
 
 class _Named:
@@ -116,6 +117,9 @@ def summarise_seed_run(config, row_name, hparams, runner, results, targets, seed
     """Per-domain summaries (and per-image records) of one seed's results; written atomically."""
     channel_names = targets[0].channel_names
     masks_by_id = {t.name: {i: m for i, m in zip(t.ids, t.masks)} for t in targets}
+    native = config.distance_unit == "native_pixels"
+    spacing_by_id = {t.name: {i: t.pixel_spacing(k) if native else (1.0, 1.0) for k, i in enumerate(t.ids)}
+                     for t in targets}
     out = {
         "method": row_name, "registered_method": runner.method.name, "seed": seed,
         "fingerprint": fingerprint, "fingerprint_parts": parts or {}, "target_manifests": manifests or {},
@@ -132,7 +136,8 @@ def summarise_seed_run(config, row_name, hparams, runner, results, targets, seed
             entry["positions"] = np.asarray(r.positions).tolist()
         if r.predictions is not None:
             entry["metrics"] = [
-                {ch: full_metrics(pred[..., c], prob[..., c], masks_by_id[r.domain][i][..., c])
+                {ch: full_metrics(pred[..., c], prob[..., c], masks_by_id[r.domain][i][..., c],
+                                  spacing_by_id[r.domain][i])
                  for c, ch in enumerate(channel_names)}
                 for i, pred, prob in zip(r.ids, r.predictions["pred"], r.predictions["prob"])]
         out["per_image"].append(entry)

@@ -39,6 +39,7 @@ from tta_jax.source.training import SourceTraining, evaluate_source_stats
 
 MODES = ("adapt", "source", "benchmark")
 METRIC_SETS = ("dice", "full")
+DISTANCE_UNITS = ("resized_pixels", "native_pixels")
 # data families whose methods may declare their own defaults (e.g. SPEGC's lr for polyps)
 DATASET_FAMILIES = {"synthetic_fundus": "fundus", "fundus_odoc": "fundus", "fundus_dofe": "fundus",
                     "polyp": "polyp", "prostate_saml": "prostate"}
@@ -94,7 +95,8 @@ def validate_config(config) -> None:
     for key, value, choices in (("mode", config.mode, MODES), ("dataset", config.dataset, DATASETS),
                                 ("protocol", config.protocol, PROTOCOLS), ("loop", config.loop, LOOPS),
                                 ("stream_map", config.stream_map, STREAM_MAPS),
-                                ("metrics", config.metrics, METRIC_SETS)):
+                                ("metrics", config.metrics, METRIC_SETS),
+                                ("distance_unit", config.distance_unit, DISTANCE_UNITS)):
         if value not in choices:
             raise HParamError(f"unknown {key} {value!r}; choose one of {', '.join(choices)}")
     methods = method_rows(config)
@@ -233,6 +235,8 @@ def run(config, workdir: str) -> dict:
                "mixed_seed": config.mixed_seed if config.protocol == "mixed" else None}
     if config.max_target_images:
         base_fp["max_target_images"] = config.max_target_images
+    if config.metrics == "full" and config.distance_unit != "resized_pixels":
+        base_fp["distance_unit"] = config.distance_unit
     if loop == "scan" and config.scan_unroll != 1:
         base_fp["scan_unroll"] = config.scan_unroll
     nets = companions(config, needs)

@@ -65,15 +65,21 @@ def _surface(mask: np.ndarray) -> np.ndarray:
     return np.logical_and(mask, np.logical_not(eroded))
 
 
-def _surface_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Distances (pixels) from each surface pixel of ``a`` to the nearest surface pixel of ``b``."""
+def _surface_distances(a: np.ndarray, b: np.ndarray, spacing) -> np.ndarray:
+    """Distances from each surface pixel of ``a`` to the nearest surface pixel of ``b``, in units
+    of ``spacing`` (the size of one pixel along each axis)."""
     from scipy import ndimage
-    dist_to_b = ndimage.distance_transform_edt(np.logical_not(_surface(b)))
+    dist_to_b = ndimage.distance_transform_edt(np.logical_not(_surface(b)), sampling=spacing)
     return dist_to_b[_surface(a)]
 
 
-def surface_distances(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
-    """(ASSD, HD95) in pixels, as medpy (0.5, ``medpy.metric.binary.assd``/``hd95``) computes them.
+def surface_distances(pred: np.ndarray, gt: np.ndarray, spacing=(1.0, 1.0)) -> tuple[float, float]:
+    """(ASSD, HD95) as medpy (0.5, ``medpy.metric.binary.assd``/``hd95``) computes them.
+
+    Distances are in units of ``spacing``, the (height, width) extent of one
+    pixel, as medpy's ``voxelspacing``: (1, 1) measures in pixels of the arrays
+    given; the native-to-resized size ratio measures in pixels of the stored
+    image (see ``config.distance_unit``).
 
     Surfaces are the masks minus their erosion by the 4-connected cross; the
     distances from every surface pixel of P to the nearest of G and from every
@@ -88,9 +94,9 @@ def surface_distances(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
     if not pred.any() and not gt.any():
         return 0.0, 0.0
     if not pred.any() or not gt.any():
-        diag = float(np.hypot(*pred.shape))
+        diag = float(np.hypot(pred.shape[0] * spacing[0], pred.shape[1] * spacing[1]))
         return diag, diag
-    both = np.concatenate([_surface_distances(pred, gt), _surface_distances(gt, pred)])
+    both = np.concatenate([_surface_distances(pred, gt, spacing), _surface_distances(gt, pred, spacing)])
     return float(both.mean()), float(np.percentile(both, 95))
 
 
@@ -205,8 +211,9 @@ def s_measure(prob: np.ndarray, gt: np.ndarray, alpha: float = SM_ALPHA) -> floa
     return float(max(alpha * s_object + (1 - alpha) * s_region, 0.0))
 
 
-def full_metrics(pred: np.ndarray, prob: np.ndarray, gt: np.ndarray) -> dict:
-    """All per-image metrics of one channel: Dice/IoU ×100, ASSD/HD95 in pixels, E/S-measure in [0, 1].
+def full_metrics(pred: np.ndarray, prob: np.ndarray, gt: np.ndarray, spacing=(1.0, 1.0)) -> dict:
+    """All per-image metrics of one channel: Dice/IoU ×100, ASSD/HD95 in units of ``spacing``
+    (:func:`surface_distances`), E/S-measure in [0, 1].
 
     ``pred`` is the binary prediction (logit > 0, as :func:`dice_per_channel`
     thresholds it), so this Dice equals the run's; ``prob`` its probabilities
@@ -217,6 +224,6 @@ def full_metrics(pred: np.ndarray, prob: np.ndarray, gt: np.ndarray) -> dict:
         prob = prob / 255.0
     pred, gt = np.asarray(pred, bool), gt.astype(bool)
     dice = (2 * np.logical_and(pred, gt).sum() + DICE_EPS) / (pred.sum() + gt.sum() + DICE_EPS) * 100
-    assd, hd95 = surface_distances(pred, gt)
+    assd, hd95 = surface_distances(pred, gt, spacing)
     return {"dice": float(dice), "iou": iou(pred, gt), "assd": assd, "hd95": hd95,
             "e_measure": e_measure_max(prob, gt), "s_measure": s_measure(prob, gt)}

@@ -213,7 +213,8 @@ def adapt_table(results) -> str:
         for ch in results["channels"]:
             lines += [f"Dice of channel `{ch}`:", "", markdown_table(methods, targets, key=ch, counts=counts), ""]
     if all("metrics" in agg for agg in methods.values()):
-        lines += ["All metrics (per-channel mean, averaged over targets):", "", metrics_table(methods), ""]
+        lines += ["All metrics (per-channel mean, averaged over targets):", "", metrics_table(methods), "",
+                  distance_unit_line(results["config"]), ""]
     if all("round_means" in agg for agg in methods.values()):
         lines += [f"Long-term protocol ({results['config']['rounds']} rounds):", "",
                   rounds_table(methods), ""]
@@ -227,6 +228,14 @@ def adapt_table(results) -> str:
     lines.append(f"Source model on its own domain {results['source_domain']} (held-out, no adaptation): "
                  f"{own['mean']:.2f}")
     return "\n".join(lines)
+
+
+def distance_unit_line(config: dict) -> str:
+    """What one unit of the ASSD/HD95 columns is."""
+    if config.get("distance_unit", "resized_pixels") == "native_pixels":
+        return "ASSD and HD95 in pixels of each image as stored (native resolution)."
+    size = config["image_size"]
+    return f"ASSD and HD95 in pixels of the {size}×{size} arrays the model sees (distance_unit=native_pixels: as stored)."
 
 
 def skipped_steps_line(methods: dict, seeds) -> str:
@@ -258,6 +267,11 @@ def merge_workdirs(workdirs, out) -> str:
         results.append(json.loads(path.read_text()))
     rows = merged_rows(results)
     table = merged_markdown(rows)
+    if any("assd" in r for r in rows):
+        units = {distance_unit_line(r["config"]) for r in results}
+        if len(units) > 1:
+            raise ValueError(f"cannot merge runs whose ASSD/HD95 units differ: {' / '.join(sorted(units))}")
+        table += "\n\n" + units.pop()
     out = Path(out)
     checkpoints.atomic_write_text(out / "merged.md", table + "\n")
     checkpoints.atomic_write_text(out / "merged.csv", merged_csv(rows))

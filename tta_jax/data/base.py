@@ -13,12 +13,23 @@ class DomainData(NamedTuple):
     masks: ``[N, H, W, C]`` uint8 in {0, 1}, one channel per class.
     ids: a stable identifier per image (file stem or synthetic index), recorded
       in results so the stream order can be checked and reproduced.
+    native_sizes: ``[N, 2]`` (height, width) of each image as stored, before
+      resizing; None when the stored images already have the array's size
+      (synthetic data). Used to report surface distances in native pixels.
     """
 
     name: str
     images: np.ndarray
     masks: np.ndarray
     ids: tuple[str, ...]
+    native_sizes: np.ndarray | None = None
+
+    def pixel_spacing(self, i: int) -> tuple[float, float]:
+        """Native pixels per resized pixel of image ``i`` along (height, width)."""
+        if self.native_sizes is None:
+            return 1.0, 1.0
+        h, w = self.images.shape[1:3]
+        return float(self.native_sizes[i][0]) / h, float(self.native_sizes[i][1]) / w
 
     @property
     def size(self) -> int:

@@ -233,10 +233,11 @@ class FolderDataset:
 
     def load(self, domain: str, split: str, image_size: int) -> DomainData:
         pairs = self._split(self.pairs(domain), split)
-        images, masks, seen = [], [], set()
+        images, masks, shapes, seen = [], [], [], set()
         for _, image_path, mask_path in pairs:
             image, shape = read_image(image_path, image_size)
             mask, values = read_mask(mask_path, image_size, self.options, shape)
+            shapes.append(shape)
             images.append(image)
             masks.append(mask)
             seen.update(values.tolist())
@@ -245,4 +246,5 @@ class FolderDataset:
             shown = ", ".join(str(v) for v in sorted(seen)[:DISCRETE_LEVELS])
             raise ValueError(f"{self.root / domain / 'masks'}: every mask of this split is empty (values found: "
                              f"{shown}); check folders.mask_encoding, or set folders.allow_empty_masks=True")
-        return DomainData(domain, np.stack(images), masks, tuple(stem for stem, _, _ in pairs))
+        return DomainData(domain, np.stack(images), masks, tuple(stem for stem, _, _ in pairs),
+                          np.asarray(shapes, np.int64).reshape(-1, 2))

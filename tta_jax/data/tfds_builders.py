@@ -45,7 +45,8 @@ def _configs():
 class _SegmentationBuilder(tfds.core.GeneratorBasedBuilder):
     """Shared machinery: one split per domain part, resized images and decoded mask channels."""
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.1.0": "native_size: each image's stored (height, width), for distances in native pixels"}
     BUILDER_CONFIGS = _configs()
     NUM_CHANNELS = 1
     CHANNEL_NAMES = ("fg",)
@@ -58,6 +59,7 @@ class _SegmentationBuilder(tfds.core.GeneratorBasedBuilder):
                 "mask": tfds.features.Tensor(shape=(s, s, c), dtype=np.uint8, encoding=tfds.features.Encoding.ZLIB),
                 "id": tfds.features.Text(),
                 "order": tfds.features.Scalar(dtype=np.int64),
+                "native_size": tfds.features.Tensor(shape=(2,), dtype=np.int64),
             }),
             homepage="https://github.com/",
         )
@@ -86,10 +88,11 @@ class _SegmentationBuilder(tfds.core.GeneratorBasedBuilder):
             mask = self.decode_mask(layouts.read_array(mask_path))
             if mask.shape[:2] != image.shape[:2]:
                 raise ValueError(f"{mask_path}: mask {mask.shape[:2]} and image {image.shape[:2]} differ in size")
+            native_size = np.asarray(image.shape[:2], np.int64)
             image = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
             mask = np.stack([np.asarray(Image.fromarray(mask[..., c] * 255).resize((size, size), Image.NEAREST)) > 127
                              for c in range(mask.shape[-1])], -1).astype(np.uint8)
-            yield sample_id, {"image": image, "mask": mask, "id": sample_id, "order": order}
+            yield sample_id, {"image": image, "mask": mask, "id": sample_id, "order": order, "native_size": native_size}
 
 
 class FundusOdoc(_SegmentationBuilder):
@@ -229,4 +232,4 @@ class TFDSDataset:
         ids = tuple(e["id"].decode() if isinstance(e["id"], bytes) else e["id"] for e in examples)
         images = np.stack([self.normalise(e["image"], f"{self.name}/{i}") for e, i in zip(examples, ids)])
         masks = np.stack([e["mask"] for e in examples])
-        return DomainData(domain, images, masks, ids)
+        return DomainData(domain, images, masks, ids, np.stack([e["native_size"] for e in examples]))
