@@ -180,6 +180,27 @@ def test_changed_data_reruns_exactly_what_depends_on_it(tiny_experiment, tmp_pat
     assert key() != before_change and {**key(), "data": ""} == {**before_change, "data": ""}
 
 
+def test_replaced_checkpoint_reruns_what_depends_on_it(tiny_experiment, tmp_path):
+    """A source checkpoint replaced at the same path: the rerun into the same workdir equals a
+    fresh run with the new weights, not the saved results of the old ones."""
+    import orbax.checkpoint as ocp
+    from tta_jax.checkpoints import save_variables
+    from tta_jax.experiment import run
+    root, cache = tiny_experiment
+    trained = run(folders_config(root, cache, "no_adapt"), str(tmp_path / "train"))["source"]["checkpoint"]
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained, ckpt)
+    c = folders_config(root, cache, "no_adapt,bn")
+    c.source_checkpoint = str(ckpt)
+    first = run(c, str(tmp_path / "w"))
+    variables = ocp.StandardCheckpointer().restore((ckpt / "variables").absolute())
+    variables["params"]["seg_head"]["bias"] = variables["params"]["seg_head"]["bias"] + 2.0
+    save_variables(ckpt, variables)
+    again = run(c, str(tmp_path / "w"))
+    fresh = run(c, str(tmp_path / "fresh"))
+    assert _table(again) == _table(fresh) != _table(first)
+
+
 def test_resume_reuses_finished_runs_and_unreadable_ones_count_as_absent(tiny_experiment, tmp_path):
     from tta_jax.experiment import run
     root, cache = tiny_experiment

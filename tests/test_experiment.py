@@ -28,12 +28,21 @@ def tiny_config(tmp_path, methods="no_adapt,bn,tent"):
 
 def test_cli_config_errors(tmp_path):
     """Each bad command line: exit status 1 and one line on stderr (the processes run concurrently)."""
+    from tta_jax.checkpoints import save_variables
+    corrupt = tmp_path / "corrupt_ckpt"
+    save_variables(corrupt, {"params": {"w": np.zeros(3, np.float32)}})
+    for f in (corrupt / "variables").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"\x00garbage")
     cases = {
         ("--config.no_such_key=1",): "error: unknown config key --config.no_such_key",
         # a known key is overridden (and then validated before any work starts)
         ("--config.target_domains=C,E", "--config.seeds=0"): "error: seeds must be >= 1, got 0",
         ("--config.methods=tent,magic",): "error: unknown method 'magic'",
         ("--config.tent.lr=-1",): "error: tent.lr=-1.0 must be >= 0.0",
+        # orbax's own worker-thread tracebacks stay hidden behind the one line
+        (f"--config.source_checkpoint={corrupt}", "--config.methods=no_adapt"):
+            f"error: checkpoint {corrupt} is corrupt or unreadable",
     }
     procs = {args: subprocess.Popen([sys.executable, "-m", "experiments.main", "--config=configs/tent.py", *args,
                                      f"--workdir={tmp_path}"], cwd=REPO, stdout=subprocess.PIPE,
