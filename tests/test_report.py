@@ -32,3 +32,22 @@ def test_worst_images_ranked_by_reference():
         report.worst_images({"m": [m0]})
     with pytest.raises(ValueError, match="fraction"):
         report.worst_images({"no_adapt": [ref]}, fraction=0)
+
+
+def test_help_and_harm_against_no_adapt():
+    ref = _run(0, [[v, v] for v in (10, 20, 30, 40, 50)], [[v, v] for v in (60, 70, 80, 90, 100)])
+    # seed 0: b0 +10 (helped), b1 −4 (hurt), b2 +0.5 (neither), c0 −8 (hurt); seed 1: only c4 −2
+    m0 = _run(0, [[20, 20], [16, 16], [30.5, 30.5], [40, 40], [50, 50]], [[52, 52], [70, 70], [80, 80], [90, 90], [100, 100]])
+    m1 = _run(1, [[v, v] for v in (10, 20, 30, 40, 50)], [[60, 60], [70, 70], [80, 80], [90, 90], [98, 98]])
+    h = report.harm({"no_adapt": [ref, ref], "m": [m0, m1]})
+    m = h["methods"]["m"]
+    assert m["helped"] == {"mean": pytest.approx(5.0), "std": pytest.approx(5.0)}        # 10 % and 0 %
+    assert m["hurt"] == {"mean": pytest.approx(15.0), "std": pytest.approx(5.0)}         # 20 % and 10 %
+    assert m["loss_when_hurt"]["mean"] == pytest.approx(np.mean([(-4 - 8) / 2, -2]))
+    assert m["per_domain"]["B"]["hurt"]["mean"] == pytest.approx(10.0)                   # 20 % and 0 %
+    assert m["per_domain"]["B"]["loss_when_hurt"] == {"mean": -4.0, "std": 0.0}          # seed 1 hurt none in B
+    assert "no_adapt" not in h["methods"]
+    rows = report.merged_rows([{"source_domain": "A", "target_domains": ["B", "C"], "harm": h, "methods": {
+        "m": {"average": {"mean": 1, "std": 0}, "per_domain": {d: {"mean": {"mean": 1, "std": 0}} for d in "BC"}}}}])
+    assert rows[0]["hurt"] == (10.0, 10.0) and rows[2]["hurt"] == (15.0, 5.0)
+    assert "% hurt (< −1) ↓" in report.merged_markdown(rows) and "| 15.00 ± 5.00 % |" in report.harm_table(h)

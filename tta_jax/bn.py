@@ -78,3 +78,54 @@ def forward_source_stats(model, params, batch_stats, images, *, rngs=None, **opt
 def forward_test_stats(model, params, batch_stats, images, *, rngs=None, **options):
     """Forward normalising with the current batch's own statistics; source statistics untouched."""
     return _jit_test(model, params, batch_stats, images, rngs, tuple(sorted(options.items())))
+
+
+def channel_axes(x) -> tuple[int, ...]:
+    """The axes a channels-last BatchNorm reduces over (every axis but the last)."""
+    return tuple(range(x.ndim - 1))
+
+
+def forward_with_statistics(model, params, batch_stats, images, statistics, *, rngs=None, **options):
+    """Forward normalising every BatchNorm layer with statistics chosen by ``statistics``.
+
+    ``statistics(path, x, source_mean, source_var) -> (mean, var)`` is called once per
+    BN layer with the layer's module path (a tuple of names), its input ``x``
+    (channels last) and the stored running statistics; the layer then computes
+    ``scale · (x − mean) / √(var + ε) + bias`` with its own ε, scale and bias. This
+    is how a method refines the normalisation (DUA's running statistics, MedBN's
+    median, DIGA's and DomainAdaptor's source/test mixtures) on any Flax segmentor
+    whose BN layers are ``flax.linen.BatchNorm`` over the last axis: the layers are
+    intercepted, never named. The network runs in its ``train=False`` mode, so
+    nothing else (dropout) changes.
+
+    Returns ``(logits, used)``: ``used`` mirrors ``batch_stats`` and holds the
+    ``mean``/``var`` each layer normalised with.
+    """
+    import flax.linen as nn
+    from jax import lax
+
+    used = {}
+
+    def intercept(next_fun, args, kwargs, context):
+        module = context.module
+        if not isinstance(module, nn.BatchNorm) or context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        if module.axis not in (-1, args[0].ndim - 1):
+            raise ValueError(f"BatchNorm {'/'.join(module.path)}: forward_with_statistics needs channels-last "
+                             f"normalisation (axis=-1), got axis={module.axis}")
+        x = args[0]
+        stats = module.variables["batch_stats"]
+        mean, var = statistics(tuple(module.path), x, stats["mean"], stats["var"])
+        y = (x - mean) * lax.rsqrt(var + module.epsilon)
+        if module.use_scale:
+            y = y * module.variables["params"]["scale"]
+        if module.use_bias:
+            y = y + module.variables["params"]["bias"]
+        used[tuple(module.path)] = {"mean": mean, "var": var}
+        return y.astype(x.dtype)
+
+    with nn.intercept_methods(intercept):
+        logits = model.apply({"params": params, "batch_stats": batch_stats}, images, train=False, rngs=rngs,
+                             **options)
+    return logits, traverse_util.unflatten_dict(
+        {path + (k,): v for path, d in used.items() for k, v in d.items()})

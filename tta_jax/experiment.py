@@ -258,6 +258,7 @@ def run(config, workdir: str) -> dict:
         agg["skipped_steps"] = [r.get("skipped_steps", 0) for r in runs]   # per seed, non-finite steps
         results["methods"][row] = agg
         results["timings"][row] = time.perf_counter() - m_start
+    results["harm"] = report.harm(runs_by_method) if "no_adapt" in runs_by_method else None
     if config.worst_fraction and "no_adapt" in runs_by_method:
         results["worst_images"] = report.worst_images(runs_by_method, "no_adapt", config.worst_fraction)
     results["timings"]["total"] = time.perf_counter() - t0

@@ -91,6 +91,56 @@ def worst_images(runs_by_method: dict, reference: str = "no_adapt", fraction: fl
     return out
 
 
+HARM_MARGIN = 1.0   # Dice points: smaller per-image changes count as neither help nor harm
+
+
+def harm(runs_by_method: dict, reference: str = "no_adapt", margin: float = HARM_MARGIN) -> dict:
+    """Does a method help on these images? Per method, against ``reference`` image by image.
+
+    For each seed (against the seed-matched reference run) and all target
+    images pooled: the percentage of images whose channel-mean Dice rises by
+    more than ``margin`` points (``helped``), falls by more than ``margin``
+    (``hurt``), and the mean Dice change over the hurt images (``loss_when_hurt``,
+    ≤ −margin; None when no image is hurt). Mean ± std over seeds (seeds without a
+    hurt image are left out of ``loss_when_hurt``). The same per target domain
+    under ``per_domain``.
+    """
+    refs = [per_image_scores(r) for r in runs_by_method[reference]]
+    domains = sorted({k[0] for k in refs[0]})
+    out = {"reference": reference, "margin": margin, "methods": {}}
+    for name, runs in runs_by_method.items():
+        if name == reference:
+            continue
+        deltas = []
+        for s, run in enumerate(runs):
+            ref, own = refs[min(s, len(refs) - 1)], per_image_scores(run)
+            deltas.append({k: own[k] - ref[k] for k in ref})
+        out["methods"][name] = {**_help_and_harm([np.array(list(d.values())) for d in deltas], margin),
+                                "per_domain": {dom: _help_and_harm(
+                                    [np.array([v for k, v in d.items() if k[0] == dom]) for d in deltas], margin)
+                                    for dom in domains}}
+    return out
+
+
+def _help_and_harm(deltas: list[np.ndarray], margin: float) -> dict:
+    """Percent helped / hurt and the mean change on hurt images, mean ± std over seeds (one delta array each)."""
+    losses = [float(d[d < -margin].mean()) for d in deltas if np.any(d < -margin)]
+    summary = lambda v: dict(zip(("mean", "std"), mean_std(v)))
+    return {"helped": summary([100 * np.mean(d > margin) for d in deltas]),
+            "hurt": summary([100 * np.mean(d < -margin) for d in deltas]),
+            "loss_when_hurt": summary(losses) if losses else None}
+
+
+def harm_table(h: dict) -> str:
+    m = f"{h['margin']:g}"
+    rows = [f"| method | images helped (Dice > +{m} vs {h['reference']}) | images hurt (Dice < −{m}) "
+            f"| mean Dice change on hurt images |", "|---|---|---|---|"]
+    for name, r in h["methods"].items():
+        loss = fmt(**r["loss_when_hurt"]) if r["loss_when_hurt"] else "–"
+        rows.append(f"| {name} | {fmt(**r['helped'])} % | {fmt(**r['hurt'])} % | {loss} |")
+    return "\n".join(rows)
+
+
 def worst_images_table(w: dict) -> str:
     pct = f"{100 * w['fraction']:g} %"
     rows = [f"| method | all images pooled | worst {pct} ({w['n_images']} images, ranked by {w['reference']}) |",
@@ -100,7 +150,9 @@ def worst_images_table(w: dict) -> str:
 
 
 METRIC_LABELS = {"dice": "Dice ↑", "iou": "IoU ↑", "assd": "ASSD (px) ↓", "hd95": "HD95 (px) ↓",
-                 "e_measure": "E-measure ↑", "s_measure": "S-measure ↑"}
+                 "e_measure": "E-measure ↑", "s_measure": "S-measure ↑",
+                 "helped": f"% helped (> +{HARM_MARGIN:g}) ↑", "hurt": f"% hurt (< −{HARM_MARGIN:g}) ↓",
+                 "loss_when_hurt": "Dice change when hurt"}
 
 
 def metrics_table(methods: dict) -> str:
@@ -142,7 +194,9 @@ def markdown_table(methods: dict, targets: list[str], key: str = "mean", counts:
 
 # --- Merged reports over several runs (methods × sources) --------------------------
 
-MERGED_COLUMNS = ("source", "target", "method", "dice", "iou", "assd", "hd95", "e_measure", "s_measure")
+HARM_COLUMNS = ("helped", "hurt", "loss_when_hurt")
+MERGED_COLUMNS = ("source", "target", "method", "dice", "iou", "assd", "hd95", "e_measure", "s_measure",
+                  *HARM_COLUMNS)
 
 
 def merged_rows(results_list: list[dict]) -> list[dict]:
@@ -169,6 +223,12 @@ def merged_rows(results_list: list[dict]) -> list[dict]:
                         row[metric] = (m["mean"], m["std"])
                     else:
                         row[metric] = (m["per_domain"][target]["mean"], m["per_domain"][target]["std"])
+                h = ((res.get("harm") or {}).get("methods") or {}).get(method)
+                if h:   # the "average" row pools every target image
+                    h = h if target == "average" else h["per_domain"][target]
+                    for key in HARM_COLUMNS:
+                        if h[key]:
+                            row[key] = (h[key]["mean"], h[key]["std"])
                 rows.append(row)
     return rows
 
@@ -218,6 +278,11 @@ def adapt_table(results) -> str:
     if all("round_means" in agg for agg in methods.values()):
         lines += [f"Long-term protocol ({results['config']['rounds']} rounds):", "",
                   rounds_table(methods), ""]
+    if results.get("harm", {}).get("methods"):
+        lines += [f"Help and harm per image against {results['harm']['reference']} (all target images "
+                  "pooled, seed-matched; mean ± std over seeds):", "", harm_table(results["harm"]), ""]
+    elif results.get("harm") is None and len(methods) > 1:
+        lines += ["(Help/harm per image needs no_adapt among the methods.)", ""]
     if "worst_images" in results:
         lines += ["Per-image Dice (channel mean) over all target images pooled (every image weighs "
                   "alike) and over the images no_adapt segments worst:", "",
