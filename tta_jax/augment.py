@@ -26,6 +26,29 @@ def random_dihedral(key, image, mask):
     return transform(image), transform(mask)
 
 
+def crop_flip_rotate_views(key, image, copies: int, padding: int):
+    """``copies`` random views of one ``[H, W, C]`` image: zero-padded random crop, horizontal
+    flip (p 0.5), rotation by a random multiple of 90° (of 180° when the image is not square).
+
+    DUA's augmentation (Mirza et al., CVPR 2022: RandomCrop with padding, RandomHorizontalFlip,
+    then a random 0/90/180/270° rotation per copy). Returns ``[copies, H, W, C]``.
+    """
+    h, w = image.shape[:2]
+    padded = jnp.pad(image, ((padding, padding), (padding, padding), (0, 0)))
+    turns = 4 if h == w else 2
+
+    def view(k):
+        k_y, k_x, k_flip, k_rot = jax.random.split(k, 4)
+        y = jax.random.randint(k_y, (), 0, 2 * padding + 1)
+        x = jax.random.randint(k_x, (), 0, 2 * padding + 1)
+        v = jax.lax.dynamic_slice(padded, (y, x, 0), (h, w, image.shape[2]))
+        v = jnp.where(jax.random.bernoulli(k_flip), v[:, ::-1], v)
+        n_rot = jax.random.randint(k_rot, (), 0, turns) * (4 // turns)
+        return jax.lax.switch(n_rot, [lambda a, r=r: jnp.rot90(a, r, axes=(0, 1)) for r in range(4)], v)
+
+    return jax.vmap(view)(jax.random.split(key, copies))
+
+
 def photometric_jitter(key, image, strength: float = 0.2):
     """Brightness, contrast and gamma jitter of a [0, 1] image, then re-clipped."""
     kb, kc, kg = jax.random.split(key, 3)

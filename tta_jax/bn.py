@@ -19,6 +19,8 @@ Two forward modes matter at test time:
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 from flax import traverse_util
 
@@ -85,13 +87,29 @@ def channel_axes(x) -> tuple[int, ...]:
     return tuple(range(x.ndim - 1))
 
 
+class BNLayer(NamedTuple):
+    """What a statistics rule sees of one BatchNorm layer."""
+
+    path: tuple[str, ...]      # module path, as in ``batch_stats``
+    source_mean: jax.Array     # the stored running statistics
+    source_var: jax.Array
+    epsilon: float
+
+
+def batch_statistics(layer: BNLayer, x):
+    """The batch's own per-channel mean and (biased) variance of a channels-last ``x``."""
+    del layer
+    axes = channel_axes(x)
+    return x.mean(axes), x.var(axes)
+
+
 def forward_with_statistics(model, params, batch_stats, images, statistics, *, rngs=None, **options):
     """Forward normalising every BatchNorm layer with statistics chosen by ``statistics``.
 
-    ``statistics(path, x, source_mean, source_var) -> (mean, var)`` is called once per
-    BN layer with the layer's module path (a tuple of names), its input ``x``
-    (channels last) and the stored running statistics; the layer then computes
-    ``scale · (x − mean) / √(var + ε) + bias`` with its own ε, scale and bias. This
+    ``statistics(layer, x) -> (mean, var)`` is called once per BN layer with a
+    :class:`BNLayer` (its module path, stored running statistics and ε) and its
+    input ``x`` (channels last); the layer then computes
+    ``scale · (x − mean) / √(var + ε) + bias`` with its own scale and bias. This
     is how a method refines the normalisation (DUA's running statistics, MedBN's
     median, DIGA's and DomainAdaptor's source/test mixtures) on any Flax segmentor
     whose BN layers are ``flax.linen.BatchNorm`` over the last axis: the layers are
@@ -115,7 +133,7 @@ def forward_with_statistics(model, params, batch_stats, images, statistics, *, r
                              f"normalisation (axis=-1), got axis={module.axis}")
         x = args[0]
         stats = module.variables["batch_stats"]
-        mean, var = statistics(tuple(module.path), x, stats["mean"], stats["var"])
+        mean, var = statistics(BNLayer(tuple(module.path), stats["mean"], stats["var"], module.epsilon), x)
         y = (x - mean) * lax.rsqrt(var + module.epsilon)
         if module.use_scale:
             y = y * module.variables["params"]["scale"]

@@ -1,0 +1,150 @@
+"""The GraTa Table 1 baselines: each method's defining property against an independent NumPy
+computation, one compilation per stream, and the finite-step guard."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tta_jax.augment import crop_flip_rotate_views
+from tta_jax.methods import make_method
+
+EPS = 1e-5
+BASELINES = ("dua", "diga", "medbn")
+
+
+class InputBN(nn.Module):
+    """One BatchNorm on the input, then a 1×1 head: its statistics are the image's, computable in NumPy."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, return_features: bool = False):
+        features = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=EPS, name="bn")(x)
+        logits = nn.Conv(2, (1, 1), name="head")(features)
+        return (logits, features) if return_features else logits
+
+
+@pytest.fixture(scope="module")
+def input_bn():
+    model = InputBN()
+    variables = jax.device_get(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3))))
+    rng = np.random.default_rng(0)
+    variables["batch_stats"]["bn"] = {"mean": rng.normal(size=3).astype(np.float32),
+                                      "var": rng.uniform(0.5, 2, 3).astype(np.float32)}
+    variables["params"]["bn"] = {"scale": rng.uniform(0.5, 1.5, 3).astype(np.float32),
+                                 "bias": rng.normal(size=3).astype(np.float32)}
+    images = rng.uniform(0, 1, (3, 1, 8, 8, 3)).astype(np.float32)
+    return model, variables, images
+
+
+def _head(variables, features):
+    head = variables["params"]["head"]
+    return features @ np.asarray(head["kernel"])[0, 0] + np.asarray(head["bias"])
+
+
+def _normalise(variables, x, mean, var):
+    bn = variables["params"]["bn"]
+    return (x - mean) / np.sqrt(var + EPS) * bn["scale"] + bn["bias"]
+
+
+def test_medbn_normalises_with_the_lower_median(input_bn):
+    model, variables, images = input_bn
+    method = make_method("medbn", model)
+    _, logits, _ = jax.jit(method.step)(method.init(variables, None), images[0], jax.random.PRNGKey(0))
+    x = images[0].reshape(-1, 3).astype(np.float64)                       # 64 values per channel: even
+    centre = np.sort(x, axis=0)[31]                                       # torch.median: the lower middle
+    assert not np.allclose(centre, np.median(x, axis=0))
+    features = _normalise(variables, x, centre, ((x - centre) ** 2).mean(0))
+    np.testing.assert_allclose(np.asarray(logits).reshape(-1, 2), _head(variables, features), rtol=1e-4, atol=1e-5)
+
+
+def test_dua_momentum_schedule_and_running_statistics(input_bn):
+    """Crop padding 0: every view is a flip/rotation of the image, so the views' statistics are the
+    image's and the running statistics follow a NumPy EMA with m_k = 0.1 · 0.94^k + 0.005."""
+    model, variables, images = input_bn
+    method = make_method("dua", model, {"copies": 6, "crop_padding": 0.0})
+    state, step = method.init(variables, None), jax.jit(method.step)
+    mean = variables["batch_stats"]["bn"]["mean"].astype(np.float64)
+    var = variables["batch_stats"]["bn"]["var"].astype(np.float64)
+    for k, image in enumerate(images, start=1):
+        state, logits, info = step(state, image, jax.random.PRNGKey(k))
+        m = 0.1 * 0.94 ** k + 0.005
+        x = image.reshape(-1, 3).astype(np.float64)
+        n = 6 * x.shape[0]
+        mean = (1 - m) * mean + m * x.mean(0)
+        var = (1 - m) * var + m * x.var(0) * n / (n - 1)
+        assert float(info["momentum"]) == pytest.approx(m, rel=1e-6)
+        np.testing.assert_allclose(state.batch_stats["bn"]["mean"], mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(state.batch_stats["bn"]["var"], var, rtol=1e-5)
+        # the prediction uses the updated running statistics
+        expected = _head(variables, _normalise(variables, x, mean, var))
+        np.testing.assert_allclose(np.asarray(logits).reshape(-1, 2), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_dua_views_are_crops_flips_and_rotations():
+    image = jnp.arange(4 * 4 * 1, dtype=jnp.float32).reshape(4, 4, 1)
+    views = np.asarray(crop_flip_rotate_views(jax.random.PRNGKey(0), image, 32, padding=0))
+    dihedral = [np.rot90(f, r, axes=(0, 1)) for f in (np.asarray(image), np.asarray(image)[:, ::-1]) for r in range(4)]
+    kinds = {next(i for i, d in enumerate(dihedral) if np.array_equal(v, d)) for v in views}
+    assert len(kinds) > 4                                   # all are dihedral transforms, of several kinds
+    padded = np.asarray(crop_flip_rotate_views(jax.random.PRNGKey(1), image, 32, padding=1))
+    assert padded.shape == (32, 4, 4, 1) and (padded == 0).any()   # some crops reach into the zero padding
+
+
+def test_diga_mixes_statistics_and_prototype_classifiers(input_bn):
+    """Mixed BN statistics, prototypes of confident pixels and the distance classifier, in NumPy."""
+    model, variables, images = input_bn
+    hp = {"bn_lambda": 0.7, "proto_lambda": 0.6, "fusion_lambda": 0.5, "confidence": 0.6, "proto_rho": 0.3,
+          "temperature": 2.0}
+    method = make_method("diga", model, hp)
+    state, step = method.init(variables, None), jax.jit(method.step)
+    src_mean = variables["batch_stats"]["bn"]["mean"].astype(np.float64)
+    src_var = variables["batch_stats"]["bn"]["var"].astype(np.float64)
+    running = seen = None
+    for k, image in enumerate(images):
+        state, logits, _ = step(state, image, jax.random.PRNGKey(k))
+        x = image.reshape(-1, 3).astype(np.float64)
+        feats = _normalise(variables, x, 0.7 * src_mean + 0.3 * x.mean(0), 0.7 * src_var + 0.3 * x.var(0))
+        p_src = 1 / (1 + np.exp(-_head(variables, feats)))                     # [P, 2 channels]
+        inst = np.zeros((2, 2, 3))
+        exists = np.zeros((2, 2), bool)
+        for c in range(2):
+            for cls, chosen in enumerate((1 - p_src[:, c] >= 0.6, p_src[:, c] >= 0.6)):
+                if chosen.any():
+                    inst[c, cls], exists[c, cls] = feats[chosen].mean(0), True
+        if running is None:
+            running, seen = inst.copy(), exists.copy()
+        else:
+            running = np.where(exists[..., None], np.where(seen[..., None], 0.7 * running + 0.3 * inst, inst), running)
+            seen = seen | exists
+
+        def classify(protos, have):
+            d = np.linalg.norm(feats[:, None, None] - protos[None], axis=-1)
+            w = np.where(have[None], np.exp(-d / 2.0), 0.0)
+            return w[..., 1] / w.sum(-1)
+
+        assert exists.any(-1).all()                  # every channel has a prototype in this set-up
+        p = 0.5 * (0.6 * classify(running, seen) + 0.4 * classify(inst, exists)) + 0.5 * p_src
+        np.testing.assert_allclose(jax.nn.sigmoid(np.asarray(logits)).reshape(-1, 2), p, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_compiles_once_and_guards_non_finite_steps(micro_model, micro_variables, name):
+    method = make_method(name, micro_model)
+    traces = []
+
+    def step(state, images, rng):
+        traces.append(1)
+        return method.step(state, images, rng)
+
+    state, step_fn = method.init(micro_variables, jax.random.PRNGKey(0)), jax.jit(step)
+    images = jax.random.uniform(jax.random.PRNGKey(1), (3, 1, 32, 32, 3))
+    for k in range(3):
+        state, logits, info = step_fn(state, images[k], jax.random.PRNGKey(k))
+        assert np.isfinite(np.asarray(logits)).all()
+    assert len(traces) == 1
+    before = jax.tree.map(np.asarray, state)
+    state, _, info = step_fn(state, images[0].at[0, 0, 0, 0].set(jnp.nan), jax.random.PRNGKey(9))
+    assert len(traces) == 1
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state), before)
+    if "skipped" in info:
+        assert float(info["skipped"]) == 1.0
