@@ -10,7 +10,7 @@ from tta_jax.augment import crop_flip_rotate_views
 from tta_jax.methods import make_method
 
 EPS = 1e-5
-BASELINES = ("dua", "diga", "medbn")
+BASELINES = ("dua", "diga", "medbn", "domain_adaptor")
 
 
 class InputBN(nn.Module):
@@ -125,6 +125,52 @@ def test_diga_mixes_statistics_and_prototype_classifiers(input_bn):
         assert exists.any(-1).all()                  # every channel has a prototype in this set-up
         p = 0.5 * (0.6 * classify(running, seen) + 0.4 * classify(inst, exists)) + 0.5 * p_src
         np.testing.assert_allclose(jax.nn.sigmoid(np.asarray(logits)).reshape(-1, 2), p, rtol=1e-4, atol=1e-5)
+
+
+def test_adamix_lambda_equals_numpy():
+    from tta_jax.methods.domain_adaptor import adamix_lambda
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 5, 4, 3)) * [1.0, 2.0, 0.5] + [0.0, 1.0, -1.0]
+    x[1] *= 1.7
+    mu_s, var_s = rng.normal(size=3), rng.uniform(0.5, 2.0, 3)
+    d = lambda m1, s1, m2, s2: np.mean((m1 - m2) ** 2 + (s1 - s2) ** 2, axis=-1)
+    mu_t, sd_t = x.mean((0, 1, 2)), x.reshape(-1, 3).std(0, ddof=1)
+    lams = []
+    for img in x:
+        mu_i, sd_i = img.mean((0, 1)), img.reshape(-1, 3).std(0, ddof=1)
+        st, is_, it = d(mu_t, sd_t, mu_s, np.sqrt(var_s)), d(mu_i, sd_i, mu_s, np.sqrt(var_s)), d(mu_i, sd_i, mu_t, sd_t)
+        lams.append(np.clip(1 - st / (st + is_ + it), 0, 1))
+    assert float(adamix_lambda(jnp.asarray(x), mu_s, var_s)) == pytest.approx(np.mean(lams), rel=1e-5)
+    assert float(adamix_lambda(jnp.asarray(x[:1]), mu_s, var_s)) == pytest.approx(0.5, abs=1e-6)   # batch of one
+
+
+@pytest.mark.parametrize("lr", [0.0, 0.5])
+def test_domain_adaptor_mixture_and_one_gem_t_step(input_bn, lr):
+    """λ = 1/2 for one image; with lr 0 the prediction is the 50/50 mixture of statistics; one SGD step
+    on the rectified (γ', β') with GEM-T's gradient −z·p(1 − p)/P (T = √2|z| detached, p = σ(z/T))."""
+    model, variables, images = input_bn
+    method = make_method("domain_adaptor", model, {"lr": lr})
+    _, logits, info = jax.jit(method.step)(method.init(variables, None), images[0], jax.random.PRNGKey(0))
+    assert float(info["lambda"]) == pytest.approx(0.5, abs=1e-6)
+    bn, head = variables["params"]["bn"], variables["params"]["head"]
+    w = np.asarray(head["kernel"], np.float64)[0, 0]
+    mu_s, var_s = (variables["batch_stats"]["bn"][k].astype(np.float64) for k in ("mean", "var"))
+    x = images[0].reshape(-1, 3).astype(np.float64)
+    mu_t, var_t = x.mean(0), x.var(0)
+    var_m = 0.5 * var_s + 0.5 * var_t
+    scale = bn["scale"] * np.sqrt(var_t + EPS) / np.sqrt(var_m + EPS)
+    bias = bn["bias"] + bn["scale"] * 0.5 * (mu_t - mu_s) / np.sqrt(var_m + EPS)
+    x_hat = (x - mu_t) / np.sqrt(var_t + EPS)
+    z = (x_hat * scale + bias) @ w + head["bias"]
+    np.testing.assert_allclose(z, _normalise(variables, x, 0.5 * mu_s + 0.5 * mu_t, var_m) @ w + head["bias"],
+                               rtol=1e-9, atol=1e-9)   # the transformation changes nothing by itself
+    p = 1 / (1 + np.exp(-np.sign(z) / np.sqrt(2)))
+    d_y = (-z * p * (1 - p) / len(x)) @ w.T
+    scale, bias = scale - lr * (d_y * x_hat).sum(0), bias - lr * d_y.sum(0)
+    expected = (x_hat * scale + bias) @ w + head["bias"]
+    np.testing.assert_allclose(np.asarray(logits).reshape(-1, 2), expected, rtol=1e-4, atol=1e-5)
+    if lr:
+        assert np.abs(expected - z).max() > 1e-3
 
 
 @pytest.mark.parametrize("name", BASELINES)
