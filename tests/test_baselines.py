@@ -10,7 +10,7 @@ from tta_jax.augment import crop_flip_rotate_views
 from tta_jax.methods import make_method
 
 EPS = 1e-5
-BASELINES = ("dua", "diga", "medbn", "domain_adaptor")
+BASELINES = ("dua", "diga", "medbn", "domain_adaptor", "sar")
 
 
 class InputBN(nn.Module):
@@ -194,3 +194,55 @@ def test_compiles_once_and_guards_non_finite_steps(micro_model, micro_variables,
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state), before)
     if "skipped" in info:
         assert float(info["skipped"]) == 1.0
+
+
+def test_sam_perturbation_on_a_quadratic():
+    """L(θ) = ½ θᵀAθ over a two-leaf pytree: ε = ρ Aθ / ‖Aθ‖ with one norm over both leaves."""
+    from tta_jax.methods.sar import sam_perturbation
+    a = np.diag([1.0, 2.0, 3.0, 4.0])
+    theta = {"u": jnp.array([1.0, -1.0]), "v": jnp.array([0.5, 2.0])}
+    loss = lambda t: 0.5 * jnp.concatenate([t["u"], t["v"]]) @ a @ jnp.concatenate([t["u"], t["v"]])
+    eps = sam_perturbation(jax.grad(loss)(theta), rho=0.05)
+    g = a @ np.array([1.0, -1.0, 0.5, 2.0])
+    np.testing.assert_allclose(np.concatenate([eps["u"], eps["v"]]), 0.05 * g / np.linalg.norm(g), rtol=1e-6)
+
+
+def test_sar_step_equals_numpy(input_bn):
+    """Reliable-pixel entropy, SAM ascent, the gradient at θ + ε over pixels reliable at both, one SGD step."""
+    model, variables, images = input_bn
+    rho, lr = 0.5, 0.3
+    method = make_method("sar", model, {"rho": rho, "lr": lr, "reset_threshold": 0.0, "margin_factor": 0.9})
+    state = method.init(variables, None)
+    state, _, info = jax.jit(method.step)(state, images[0], jax.random.PRNGKey(0))
+    head = variables["params"]["head"]
+    w = np.asarray(head["kernel"], np.float64)[0, 0]
+    x = images[0].reshape(-1, 3).astype(np.float64)
+    x_hat = (x - x.mean(0)) / np.sqrt(x.var(0) + EPS)
+    margin = 0.9 * np.log(2)
+
+    def entropy_and_grad(scale, bias, keep=None):
+        z = (x_hat * scale + bias) @ w + head["bias"]
+        p = 1 / (1 + np.exp(-z))
+        ent = -(p * np.log(p) + (1 - p) * np.log(1 - p))
+        keep = (ent < margin) if keep is None else keep & (ent < margin)
+        d_z = np.where(keep, -z * p * (1 - p), 0.0) / keep.sum()
+        d_y = d_z @ w.T
+        return ent[keep].mean(), keep, (d_y * x_hat).sum(0), d_y.sum(0)
+
+    scale, bias = (variables["params"]["bn"][k].astype(np.float64) for k in ("scale", "bias"))
+    loss1, keep, g_scale, g_bias = entropy_and_grad(scale, bias)
+    assert 0 < keep.mean() < 1                                     # the filter matters here
+    norm = np.sqrt((g_scale ** 2).sum() + (g_bias ** 2).sum())
+    loss2, _, g2_scale, g2_bias = entropy_and_grad(scale + rho * g_scale / norm, bias + rho * g_bias / norm, keep)
+    assert float(info["loss"]) == pytest.approx(loss1, rel=1e-4)
+    assert float(info["loss_perturbed"]) == pytest.approx(loss2, rel=1e-4)
+    np.testing.assert_allclose(state.bn_params["bn"]["scale"], scale - lr * g2_scale, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(state.bn_params["bn"]["bias"], bias - lr * g2_bias, rtol=1e-4, atol=1e-6)
+
+
+def test_sar_recovers_the_source_model_when_the_ema_falls_low(input_bn):
+    model, variables, images = input_bn
+    method = make_method("sar", model, {"lr": 0.3, "reset_threshold": 10.0})
+    state, _, info = jax.jit(method.step)(method.init(variables, None), images[0], jax.random.PRNGKey(0))
+    assert float(info["reset"]) == 1.0 and np.isnan(float(state.ema))
+    jax.tree.map(np.testing.assert_array_equal, state.bn_params, state.source_bn)

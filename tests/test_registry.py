@@ -15,7 +15,7 @@ from tta_jax.bn import forward_test_stats
 from tta_jax.hparams import HParamError, bounded
 from tta_jax.methods import Method, available_methods, make_method, method_spec, register
 
-ALL_METHODS = ("no_adapt", "bn", "tent", "grata", "spegc", "adv_ttt")
+ALL_METHODS = tuple(m for m in available_methods() if m != "toy_shift")   # every registered method
 
 
 @dataclasses.dataclass(frozen=True)
