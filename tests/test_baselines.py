@@ -10,7 +10,7 @@ from tta_jax.augment import crop_flip_rotate_views
 from tta_jax.methods import make_method
 
 EPS = 1e-5
-BASELINES = ("dua", "diga", "medbn", "domain_adaptor", "sar")
+BASELINES = ("dua", "diga", "medbn", "domain_adaptor", "sar", "dltta")
 
 
 class InputBN(nn.Module):
@@ -246,3 +246,31 @@ def test_sar_recovers_the_source_model_when_the_ema_falls_low(input_bn):
     state, _, info = jax.jit(method.step)(method.init(variables, None), images[0], jax.random.PRNGKey(0))
     assert float(info["reset"]) == 1.0 and np.isnan(float(state.ema))
     jax.tree.map(np.testing.assert_array_equal, state.bn_params, state.source_bn)
+
+
+def test_dltta_learning_rate_from_a_hand_built_memory():
+    from tta_jax.methods.dltta import DLTTAHParams, dynamic_learning_rate
+    rng = np.random.default_rng(5)
+    hp = DLTTAHParams(memory_size=5, neighbours=3, value_size=4)
+    keys, key = rng.normal(size=(5, 6)), rng.normal(size=6)
+    values = rng.uniform(0.05, 0.95, (5, 4, 4, 2))
+    logits = rng.normal(size=(4, 4, 2)) * 3
+    cos = keys @ key / np.linalg.norm(keys, axis=1) / np.linalg.norm(key)
+    top = np.argsort(-cos)[:3]
+    a = np.exp(cos[top] / 0.2) / np.exp(cos[top] / 0.2).sum()
+    q = np.einsum("k,khwc->hwc", a, values[top])
+    p = 1 / (1 + np.exp(-logits / 4))
+    kl = lambda u, v: u * np.log(u / v) + (1 - u) * np.log((1 - u) / (1 - v))
+    d = np.mean(kl(p, q) + kl(q, p))
+    lr, got_d = dynamic_learning_rate(jnp.asarray(keys), jnp.asarray(values), jnp.asarray(5), jnp.asarray(key),
+                                      jnp.asarray(logits), hp)
+    assert float(got_d) == pytest.approx(d, rel=1e-4) and float(lr) == pytest.approx(1e-3 * np.exp(d), rel=1e-4)
+    # an entry not yet written (count 4 of 5 slots) is never a neighbour; no more than k entries: the base rate
+    keys[4] = key
+    _, d4 = dynamic_learning_rate(jnp.asarray(keys), jnp.asarray(values), jnp.asarray(4), jnp.asarray(key),
+                                  jnp.asarray(logits), hp)
+    top4 = np.argsort(-(keys[:4] @ key / np.linalg.norm(keys[:4], axis=1)))[:3]
+    assert 4 not in top4 and float(d4) > 0
+    lr3, _ = dynamic_learning_rate(jnp.asarray(keys), jnp.asarray(values), jnp.asarray(3), jnp.asarray(key),
+                                   jnp.asarray(logits), hp)
+    assert float(lr3) == pytest.approx(1e-3)
