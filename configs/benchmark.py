@@ -13,6 +13,7 @@ Writes ``benchmark.json`` and ``benchmark.md`` (see ``tta_jax/benchmark.py``).
 import ml_collections
 
 from configs import common
+from tta_jax.methods import available_methods
 
 
 def get_config(arg=None):
@@ -20,7 +21,7 @@ def get_config(arg=None):
     c.mode = "benchmark"
     c.methods = ""
     c.benchmark = ml_collections.ConfigDict(dict(
-        methods="no_adapt,bn,tent,grata,spegc,adv_ttt", image_size=128, stream_length=12, torch=True,
+        methods=",".join(available_methods()), image_size=128, stream_length=12, torch=True,
         torch_threads=2, dgcs_nodes=256,
         # stream-level: loop forms and K vmapped streams, measured with loop_method ("" skips both)
         loop_method="tent", loops=True, scan_unroll=4, streams="1,2,4", stream_maps="vmap,map"))

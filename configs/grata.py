@@ -6,6 +6,13 @@ Run (synthetic default, CPU, a few minutes)::
 
 Variants, combine with commas (``--config=configs/grata.py:table2,polyp``):
 
+* ``table1`` — the paper's Table 1 rows in its order: No Adapt; the methods that
+  refine BN statistics (DUA, DIGA, MedBN); the fine-tuning methods (TENT, DLTTA,
+  DomainAdaptor, SAR, DeTTA); GraTa. DeTTA needs its denoising decoder trained
+  with the source model, so the one source model of the table carries it (the
+  encoder also learns the blind-spot task, as DeTTA's DeY-Net); ``table1_plain``
+  leaves DeTTA out and keeps the plain source model. With
+  ``--config.source_domain=all`` it runs the leave-one-domain grid.
 * ``table2`` — objectives and learning rates (paper Table 2): L_con(θ) with β,
   L_con(θ − ∇L_ent) with β, L_con(θ − ∇L_ent) with η (GraTa);
 * ``table3`` — TENT (L_ent(θ), β) vs the swapped L_ent(θ − ∇L_con) with η vs GraTa;
@@ -24,6 +31,10 @@ Every GraTa option is a ``--config.grata.KEY=VALUE`` override, e.g.
 from configs import common
 
 TABLE_VARIANTS = {
+    "table1": {name: None for name in ("dua", "diga", "medbn", "tent", "dltta", "domain_adaptor", "sar", "detta",
+                                       "grata")},
+    "table1_plain": {name: None for name in ("dua", "diga", "medbn", "tent", "dltta", "domain_adaptor", "sar",
+                                             "grata")},
     "table2": {
         "grata_con_beta": {"method": "grata", "lookahead": False, "lr_schedule": "fixed"},
         "grata_lookahead_beta": {"method": "grata", "lr_schedule": "fixed"},

@@ -274,3 +274,46 @@ def test_dltta_learning_rate_from_a_hand_built_memory():
     lr3, _ = dynamic_learning_rate(jnp.asarray(keys), jnp.asarray(values), jnp.asarray(3), jnp.asarray(key),
                                    jnp.asarray(logits), hp)
     assert float(lr3) == pytest.approx(1e-3)
+
+
+def test_blind_spot_masking_and_loss():
+    from tta_jax.auxiliary import blind_spot_input, blind_spot_loss
+    h = w = 24
+    image = jnp.arange(h * w, dtype=jnp.float32).reshape(1, h, w, 1).repeat(3, -1)   # unique values: positions
+    masked, mask = blind_spot_input(jax.random.PRNGKey(0), image)
+    masked, mask = np.asarray(masked), np.asarray(mask)[0, ..., 0].astype(bool)
+    assert 0.05 < mask.mean() < 0.15
+    np.testing.assert_array_equal(masked[0][~mask], np.asarray(image)[0][~mask])     # the rest untouched
+    src = masked[0, ..., 0][mask].astype(int)
+    ys, xs = np.nonzero(mask)
+    assert np.all(np.abs(src // w - ys) <= 2) and np.all(np.abs(src % w - xs) <= 2)   # a 5×5 neighbour
+    moved = (src // w != ys) | (src % w != xs)
+    assert moved.mean() > 0.9                            # only border clipping can land on the pixel itself
+    out = np.random.default_rng(0).normal(size=(1, h, w, 3))
+    target = np.random.default_rng(1).uniform(size=(1, h, w, 3))
+    expected = np.mean(np.abs((1 / (1 + np.exp(-out)) - target) * mask[None, ..., None]))
+    assert float(blind_spot_loss(jnp.asarray(out), jnp.asarray(target), jnp.asarray(mask[None, ..., None], jnp.float32))) \
+        == pytest.approx(expected, rel=1e-5)
+
+
+def test_detta_adapts_encoder_bn_only_and_moves_running_statistics():
+    """The blind-spot loss reaches the encoder's and the denoising decoder's BN layers, not the
+    segmentation decoder's; the train-mode forward moves the running statistics."""
+    from flax import traverse_util
+    from tta_jax.models import ResUNet, init_variables
+    model = ResUNet(backbone="resnet18", num_classes=2, width=0.125, aux_heads=("blind_spot",))
+    # 64²: the bottleneck keeps 2×2 pixels (at 1×1 a single image's BN statistics are degenerate)
+    variables = jax.device_get(init_variables(model, jax.random.PRNGKey(0), 64))
+    method = make_method("detta", model, {"lr": 1e-2})
+    state, step = method.init(variables, None), jax.jit(method.step)
+    image = jax.random.uniform(jax.random.PRNGKey(1), (1, 64, 64, 3))
+    new, logits, info = step(state, image, jax.random.PRNGKey(2))
+    before, after = (traverse_util.flatten_dict(s.bn_params, sep="/") for s in (state, new))
+    moved = {k for k in before if not np.allclose(before[k], after[k])}
+    assert any(k.startswith("layer1_0/") for k in moved) and any(k.startswith("blindspot1/") for k in moved)
+    assert not any(k.startswith(("up1/", "up4/", "bnout/")) for k in moved)
+    assert not np.allclose(new.batch_stats["bn1"]["mean"], state.batch_stats["bn1"]["mean"])
+    assert np.isfinite(float(info["loss"])) and np.isfinite(np.asarray(logits)).all()
+    kept, _, info = step(new, image.at[0, 5, 5, 0].set(jnp.nan), jax.random.PRNGKey(3))   # the finite guard
+    assert float(info["skipped"]) == 1.0
+    jax.tree.map(np.testing.assert_array_equal, kept, new)

@@ -10,7 +10,10 @@ prediction, mean-square error for the others"):
 * ``super_resolution`` — MSE(sigmoid(branch(down(x))), x), ``down`` = bilinear
   (align corners) by ``model.sr_factor`` (×4 in the paper, ×2 in the code);
 * ``rotation`` — cross-entropy of the 6-way prediction of which of the views
-  (h-flip, v-flip, 90°, 180°, 270°, identity; the official label order) was applied.
+  (h-flip, v-flip, 90°, 180°, 270°, identity; the official label order) was applied;
+* ``blind_spot`` — DeTTA's (Wen et al., WACV 2024) Noise2Void-style task: about
+  10 % of the pixels replaced by a random neighbour in their 5×5 window
+  (:func:`blind_spot_input`), L1 between sigmoid(branch(x̃)) and x on those pixels.
 """
 from __future__ import annotations
 
@@ -33,6 +36,34 @@ def rotate_batch(key, images):
     return views, labels
 
 
+BLIND_SPOT_FRACTION = 0.1   # official: ratio 0.9 of the pixels kept
+BLIND_SPOT_WINDOW = 5
+
+
+def blind_spot_input(key, images, fraction: float = BLIND_SPOT_FRACTION, window: int = BLIND_SPOT_WINDOW):
+    """(masked images, mask): each pixel, with probability ``fraction``, takes the value (all
+    channels) of a random other pixel of its ``window``×``window`` neighbourhood (clipped at the
+    border); ``mask`` ``[B, H, W, 1]`` is 1 where a pixel was replaced."""
+    b, h, w, _ = images.shape
+    k_mask, k_cell = jax.random.split(key)
+    half = window // 2
+    mask = jax.random.bernoulli(k_mask, fraction, (b, h, w))
+    # an offset in the window other than (0, 0): draw among window² − 1 cells and skip the centre
+    cell = jax.random.randint(k_cell, (b, h, w), 0, window * window - 1)
+    cell = cell + (cell >= (window * window) // 2)
+    dy, dx = cell // window - half, cell % window - half
+    ys = jnp.clip(jnp.arange(h)[None, :, None] + dy, 0, h - 1)
+    xs = jnp.clip(jnp.arange(w)[None, None, :] + dx, 0, w - 1)
+    neighbours = images[jnp.arange(b)[:, None, None], ys, xs]
+    masked = jnp.where(mask[..., None], neighbours, images)
+    return masked, mask[..., None].astype(images.dtype)
+
+
+def blind_spot_loss(branch_output, images, mask):
+    """DeTTA's loss: mean over all pixels of |(sigmoid(output) − x) · mask| (L1 of the masked products)."""
+    return jnp.mean(jnp.abs((jax.nn.sigmoid(branch_output) - images) * mask))
+
+
 def auxiliary_input(name: str, key, images, sr_factor: int = 4, denoise_std: float = 1.0):
     """The transformed input of an auxiliary objective (and the rotation labels, else None)."""
     if name == "reconstruction":
@@ -47,6 +78,8 @@ def auxiliary_input(name: str, key, images, sr_factor: int = 4, denoise_std: flo
         return resize_bilinear_align_corners(images, h, w), None
     if name == "rotation":
         return rotate_batch(key, images)
+    if name == "blind_spot":
+        return blind_spot_input(key, images)
     raise ValueError(f"unknown auxiliary objective {name!r}; choose from {list(AUX_HEADS)}")
 
 
@@ -54,6 +87,8 @@ def auxiliary_loss(name: str, branch_output, images, labels=None):
     """Score an auxiliary branch output against its self-supervised target."""
     if name == "rotation":
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(branch_output, labels))
+    if name == "blind_spot":
+        return blind_spot_loss(branch_output, images, labels)
     return jnp.mean((jax.nn.sigmoid(branch_output) - images) ** 2)
 
 

@@ -141,9 +141,11 @@ class UpsampleBlock(nn.Module):
         return BatchNorm(use_running_average=not train, name="bn")(nn.relu(x))
 
 
-AUX_HEADS = ("reconstruction", "rotation", "super_resolution", "denoising")
-# PyTorch names of the official branches: recon*, rotate_head, supres*, denoise*.
-_AUX_PREFIX = {"reconstruction": "recon", "denoising": "denoise", "super_resolution": "supres"}
+AUX_HEADS = ("reconstruction", "rotation", "super_resolution", "denoising", "blind_spot")
+# PyTorch names of the official branches: recon*, rotate_head, supres*, denoise*; blindspot* is
+# DeTTA's denoising decoder (not part of the GraTa network).
+_AUX_PREFIX = {"reconstruction": "recon", "denoising": "denoise", "super_resolution": "supres",
+               "blind_spot": "blindspot"}
 
 
 class ResUNet(nn.Module):
@@ -159,7 +161,8 @@ class ResUNet(nn.Module):
         to 3 channels), ``super_resolution`` (the same chain, then conv 5×5 →
         tanh → conv 3×3 → tanh → conv 3×3 to 3·f² and pixel shuffle by
         ``sr_factor``), ``rotation`` (global pooling → MLP 256–64–6 with
-        LeakyReLU 0.2).  Returned in a dict when ``return_aux=True``.
+        LeakyReLU 0.2), and DeTTA's ``blind_spot`` denoiser (the ``denoising``
+        chain).  Returned in a dict when ``return_aux=True``.
       sr_factor: super-resolution factor (the input of that branch is the
         image downsampled by it).
     """
