@@ -6,9 +6,12 @@ dark vessels radiating from the disc, a bright yellowish disc and a paler cup
 inside it.  The mask has two overlapping channels, as in the papers:
 channel 0 = disc (cup included), channel 1 = cup.
 
-Five domains A–E differ the way cameras and centres differ (colour cast,
+Domains A–E differ the way cameras and centres differ (colour cast,
 contrast, gamma, blur/resolution, noise, vignetting) and the way populations
-differ (disc size, cup/disc ratio).  A is the default source.  Generation is
+differ (disc size, cup/disc ratio); F is a mild shift (A's acquisition, a
+wider population), where the source model's statistics still fit and
+normalising with one image's own statistics can hurt (see ``DOMAIN_STYLES``).
+A is the default source.  Generation is
 a pure function of (domain, split, index, seed), so every stream is
 reproducible and nothing is stored on disk.
 """
@@ -53,6 +56,12 @@ DOMAIN_STYLES: dict[str, DomainStyle] = {
     # Magenta cast, harsh contrast, small discs.
     "E": DomainStyle((0.60, 0.20, 0.45), (0.85, 0.55, 0.80), (0.95, 0.85, 0.95),
                      1.4, 0.8, 0.0, 1, 0.04, 0.35, (0.32, 0.45), (0.35, 0.60)),
+    # Mild shift: A's camera with a slightly warmer cast and a little more noise, but a wider
+    # population (discs from small to very large, any cup/disc ratio). Like a neighbouring
+    # hospital on the same hardware: the source statistics still fit, while one image's own
+    # statistics swing with how much of it the disc fills.
+    "F": DomainStyle((0.82, 0.37, 0.16), (0.95, 0.72, 0.37), (1.00, 0.92, 0.72),
+                     0.95, 1.05, 0.2, 1, 0.03, 0.12, (0.25, 0.80), (0.30, 0.70)),
 }
 
 SPLIT_OFFSETS = {"train": 0, "test": 1_000_000}
@@ -138,7 +147,7 @@ def render_fundus(style: DomainStyle, size: int, rng: np.random.Generator):
 
 
 class SyntheticFundus:
-    """The embedded default dataset: 5 synthetic fundus centres A–E.
+    """The embedded default dataset: 6 synthetic fundus centres A–F.
 
     ``split`` is ``train`` (source training), ``test`` (held-out evaluation)
     or ``all``; sizes come from ``num_train``/``num_test``.
