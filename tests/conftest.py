@@ -75,13 +75,20 @@ class MicroSegmentor(nn.Module):
         h = _MicroBlock(16, name="layer1_0")(h, train)
         if bottleneck_dropout > 0:
             h = nn.Dropout(bottleneck_dropout, deterministic=False)(h)
+        encoded = h
         up = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
         h = _MicroUp(8, name="up1")(up, skip, train)
         features = nn.relu(bn("bnout")(nn.Conv(8, (1, 1), name="up5")(h)))
         logits = nn.Conv(self.num_classes, (1, 1), name="seg_head")(features)
         outputs = (logits,)
         if return_aux:
-            outputs += ({},)
+            aux = {}
+            if "blind_spot" in self.aux_heads:   # DeTTA's denoising decoder, from the encoder's output
+                up2 = jnp.repeat(jnp.repeat(encoded, 2, axis=1), 2, axis=2)
+                y = nn.relu(nn.Conv(8, (3, 3), name="conv")(up2))
+                aux["blind_spot"] = nn.Conv(3, (1, 1), name="blindspot_head")(
+                    nn.BatchNorm(use_running_average=not train, name="blindspot1")(y))
+            outputs += (aux,)
         if return_features:
             outputs += (features,)
         return outputs[0] if len(outputs) == 1 else outputs

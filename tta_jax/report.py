@@ -278,7 +278,7 @@ def adapt_table(results) -> str:
     if all("round_means" in agg for agg in methods.values()):
         lines += [f"Long-term protocol ({results['config']['rounds']} rounds):", "",
                   rounds_table(methods), ""]
-    if results.get("harm", {}).get("methods"):
+    if (results.get("harm") or {}).get("methods"):
         lines += [f"Help and harm per image against {results['harm']['reference']} (all target images "
                   "pooled, seed-matched; mean ± std over seeds):", "", harm_table(results["harm"]), ""]
     elif results.get("harm") is None and len(methods) > 1:
