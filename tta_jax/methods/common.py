@@ -23,19 +23,21 @@ class FrozenState(NamedTuple):
     batch_stats: Any
 
 
+def init_frozen_state(variables, rng) -> FrozenState:
+    """The state of a method whose weights and statistics never change along a stream."""
+    del rng
+    return FrozenState(variables["params"], variables["batch_stats"])
+
+
 def make_frozen_method(name: str, model, forward) -> Method:
     """A method that trains nothing and predicts with ``forward(model, params, batch_stats, images)``."""
-
-    def init(variables, rng):
-        del rng
-        return FrozenState(variables["params"], variables["batch_stats"])
 
     def step(state, images, rng):
         del rng
         check_step_input(images)
         return state, forward(model, state.params, state.batch_stats, images), {}
 
-    return Method(name, init, step, stream_axes=FrozenState(None, None))
+    return Method(name, init_frozen_state, step, stream_axes=FrozenState(None, None))
 
 
 class BNAdaptState(NamedTuple):

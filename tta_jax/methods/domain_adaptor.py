@@ -33,7 +33,7 @@ from flax import traverse_util
 from tta_jax.bn import batch_statistics, channel_axes, forward_with_statistics, merge_params, split_bn_params
 from tta_jax.hparams import bounded
 from tta_jax.methods.base import Method, check_step_input, keep_if_finite, register
-from tta_jax.methods.common import FrozenState
+from tta_jax.methods.common import FrozenState, init_frozen_state
 
 TEMPERATURE_FLOOR = 1e-6   # a logit of exactly 0 has no spread: its temperature would be 0/0
 
@@ -87,10 +87,6 @@ def gem_t(logits, temperature_factor: float = 2.0):
 @register("domain_adaptor", DomainAdaptorHParams)
 def make(model, hp: DomainAdaptorHParams) -> Method:
 
-    def init(variables, rng):
-        del rng
-        return FrozenState(variables["params"], variables["batch_stats"])
-
     def step(state, images, rng):
         del rng
         check_step_input(images)
@@ -127,4 +123,4 @@ def make(model, hp: DomainAdaptorHParams) -> Method:
         mean_lambda = jnp.mean(jnp.stack([v[0] for v in layers.values()]))
         return state, logits, {"loss": loss, "lambda": mean_lambda, "skipped": 1.0 - ok.astype(jnp.float32)}
 
-    return Method("domain_adaptor", init, step, stream_axes=FrozenState(None, None))
+    return Method("domain_adaptor", init_frozen_state, step, stream_axes=FrozenState(None, None))
