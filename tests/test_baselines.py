@@ -10,7 +10,7 @@ from tta_jax.augment import crop_flip_rotate_views
 from tta_jax.methods import make_method
 
 EPS = 1e-5
-BASELINES = ("dua", "diga", "medbn", "domain_adaptor", "sar", "dltta")
+BASELINES = ("dua", "diga", "medbn", "domain_adaptor", "sar", "dltta", "detta")
 
 
 class InputBN(nn.Module):
@@ -173,8 +173,18 @@ def test_domain_adaptor_mixture_and_one_gem_t_step(input_bn, lr):
         assert np.abs(expected - z).max() > 1e-3
 
 
+@pytest.fixture(scope="module")
+def micro_with_decoder():
+    """The micro segmentor with DeTTA's decoder: BN layers the segmentation forward never reaches."""
+    from conftest import MicroSegmentor
+    model = MicroSegmentor(aux_heads=("blind_spot",))
+    return model, jax.device_get(jax.jit(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)), return_aux=True))(
+        jax.random.PRNGKey(0)))
+
+
 @pytest.mark.parametrize("name", BASELINES)
-def test_compiles_once_and_guards_non_finite_steps(micro_model, micro_variables, name):
+def test_compiles_once_and_guards_non_finite_steps(micro_with_decoder, name):
+    micro_model, micro_variables = micro_with_decoder
     method = make_method(name, micro_model)
     traces = []
 

@@ -103,7 +103,7 @@ def make(model, hp: DomainAdaptorHParams) -> Method:
 
         forward_with_statistics(model, state.params, state.batch_stats, images, adamix)
         flat = traverse_util.flatten_dict(bn_params)
-        rectified = {}
+        rectified = dict(flat)   # layers the forward does not reach (auxiliary branches) keep γ, β
         for path, (lam, test_mean, test_var, layer) in layers.items():
             rectified[path + ("scale",)], rectified[path + ("bias",)] = rectified_affine(
                 flat[path + ("scale",)], flat[path + ("bias",)], lam, test_mean, test_var,

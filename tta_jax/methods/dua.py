@@ -64,6 +64,9 @@ def updated_running_statistics(batch_stats, views_stats, counts, momentum):
     running, batch = traverse_util.flatten_dict(batch_stats), traverse_util.flatten_dict(views_stats)
     out = {}
     for key, value in running.items():
+        if key not in batch:     # a BN layer the forward does not reach (an auxiliary branch) keeps its own
+            out[key] = value
+            continue
         *path, stat = key
         new = batch[key]
         if stat == "var":
