@@ -180,6 +180,9 @@ def test_adapt_stream_on_a_users_own_segmentor(user_model, name):
     if name == "bn":   # test-image statistics by hand: the model in train mode, statistics discarded
         logits, _ = model.apply(variables, images[:1], train=True, mutable=["batch_stats"])
         np.testing.assert_allclose(out.probabilities[0], jax.nn.sigmoid(logits[0]), atol=1e-5)
+        unscored = adapt_stream(name, model, variables, images)     # no masks: the same predictions, no Dice
+        assert unscored.dice is None
+        np.testing.assert_array_equal(unscored.probabilities, out.probabilities)
 
 
 def test_toy_method_end_to_end_through_the_experiment(tiny_experiment, tmp_path):

@@ -56,8 +56,12 @@ def adapt_stream(method: str, model, variables, images, *, masks=None, hparams: 
     if state is None:
         state = m.init(variables, init_key)
     scored = masks is not None
-    # without masks the runner scores against empty ones; that Dice is dropped
-    labels = np.asarray(masks) if scored else np.zeros((*images.shape[:3], 1), np.uint8)
+    # without masks the runner scores against empty ones (as many channels as the logits); that Dice is dropped
+    if scored:
+        labels = np.asarray(masks)
+    else:
+        logits = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, images[:1])
+        labels = np.zeros((*images.shape[:3], logits.shape[-1]), np.uint8)
     if scored and labels.shape[:3] != images.shape[:3]:
         raise ValueError(f"masks {labels.shape} do not match images {images.shape}")
     runner = StreamRunner(m, "python", keep_predictions=True, probabilities_u8=False)

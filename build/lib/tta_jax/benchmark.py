@@ -1,0 +1,329 @@
+"""Benchmark mode (``mode=benchmark``): compile time and speed of each method, JAX vs eager PyTorch.
+
+For every method in ``benchmark.methods`` (random-init ResUNet of the
+configured backbone/width, ``benchmark.image_size``², batch 1):
+
+* ahead-of-time stages of the jitted step, timed separately: ``trace``,
+  ``lower``, ``compile`` — first with an empty persistent compilation cache
+  (cold), then again after clearing the in-memory caches (warm: served from
+  the persistent cache);
+* first-image latency (the first call of the compiled step) and the
+  steady-state time per image (median over ``benchmark.stream_length`` images
+  of one stream, adaptation step + prediction, synchronised per image; JAX and
+  PyTorch take turns image by image, so load changes hit both alike);
+* memory: XLA's buffer sizes of the compiled step (arguments, outputs,
+  temporaries) and, on GPU/TPU, the device's peak bytes in use;
+* the eager PyTorch reference (``tent``, ``grata``; needs torch) on the same
+  network size: first-image and median time per image, ``torch_threads``
+  threads; the ratio PyTorch/JAX of the medians and the break-even stream
+  length ``N*`` from which JAX's total (cold compile + first image + (N−1) ×
+  median) beats PyTorch's (first + (N−1) × median).
+
+Stream-level measurements with ``benchmark.loop_method`` (default tent),
+each timed on a second pass over the stream, after compilation:
+
+* loop forms (``benchmark.loops``): a Python loop over the jitted step, one
+  ``lax.scan`` over the stream, and that scan unrolled ``benchmark.scan_unroll``
+  steps per iteration — seconds per image side by side;
+* throughput (``benchmark.streams``, e.g. ``1,2,4``): K independent streams
+  (seeds) in one jitted step, mapped with ``jax.vmap`` and with ``lax.map``
+  (``benchmark.stream_maps``), total images/s against K; K = 1 is also the
+  rate of K streams run one after another.
+
+``benchmark.dgcs_nodes`` times SPEGC's graph solver alone (Eq. 8–14 at V
+nodes, forward and forward+backward). Writes ``benchmark.json`` and
+``benchmark.md`` to the workdir; runs unchanged on CPU, GPU or TPU.
+"""
+from __future__ import annotations
+
+import json
+import math
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from tta_jax import checkpoints
+from tta_jax.experiment import resolve_method, run_needs
+from tta_jax.methods import make_method, method_spec
+from tta_jax.methods.spegc.graph_clustering import SinkhornHParams, refined_graph
+from tta_jax.models import ResUNet, init_variables
+from tta_jax.runner import StreamRunner, init_streams
+from tta_jax.source import companions
+
+
+def _block(tree):
+    return jax.block_until_ready(tree)
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def aot_times(fn, *args) -> tuple[dict, object]:
+    """Trace, lower and compile ``jax.jit(fn)`` on ``args``, each timed; returns (times, compiled)."""
+    jitted = jax.jit(fn)
+    traced, t_trace = _timed(lambda: jitted.trace(*args))
+    lowered, t_lower = _timed(traced.lower)
+    compiled, t_compile = _timed(lowered.compile)
+    return {"trace_s": t_trace, "lower_s": t_lower, "compile_s": t_compile}, compiled
+
+
+def ready_s(times: dict) -> float:
+    """Seconds until the step can run: trace + lower + compile (as :func:`aot_times` measures them)."""
+    return times["trace_s"] + times["lower_s"] + times["compile_s"]
+
+
+def memory_of(compiled) -> dict:
+    try:
+        m = compiled.memory_analysis()
+        return {"argument_mb": m.argument_size_in_bytes / 2**20, "output_mb": m.output_size_in_bytes / 2**20,
+                "temp_mb": m.temp_size_in_bytes / 2**20}
+    except Exception as err:  # not every backend reports it
+        return {"memory_analysis": f"unavailable: {err}"}
+
+
+def device_peak_mb() -> float | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None
+
+
+def break_even(jax_total_first: float, jax_median: float, torch_first: float, torch_median: float):
+    """Smallest stream length N with JAX total ≤ PyTorch total, or None if JAX never catches up."""
+    if jax_total_first <= torch_first:
+        return 1
+    if jax_median >= torch_median:
+        return None
+    return 1 + math.ceil((jax_total_first - torch_first) / (torch_median - jax_median))
+
+
+def bench_method(method, variables, images, key) -> tuple[dict, object]:
+    """Compile times, first image and memory of ``method``; and a ``step(i)`` for :func:`steady_state`."""
+    state = method.init(variables, key)
+    keys = jax.random.split(key, len(images))
+    cache_dir = tempfile.mkdtemp(prefix="tta_jax_bench_cache_")
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.clear_caches()
+    cold, compiled = aot_times(method.step, state, images[0], keys[0])
+    jax.clear_caches()
+    warm, _ = aot_times(method.step, state, images[0], keys[0])
+    st, first = _timed(lambda: _block(compiled(state, images[0], keys[0])))
+    carry = {"state": st[0]}
+
+    def step(i):
+        carry["state"] = _block(compiled(carry["state"], images[i], keys[i]))[0]
+
+    return {"cold": cold, "warm": warm, "first_image_s": first,
+            "memory": memory_of(compiled), "device_peak_mb": device_peak_mb()}, step
+
+
+def steady_state(steps: dict, n: int) -> dict:
+    """Median seconds per image of each ``steps[name](i)`` over images 1..n−1, interleaved.
+
+    The steps take turns image by image (JAX, PyTorch, JAX, ...) so that a
+    change in the machine's load during the run hits every contender alike:
+    their ratio is what this benchmark reports.
+    """
+    times = {name: [] for name in steps}
+    for i in range(1, n):
+        for name, step in steps.items():
+            times[name].append(_timed(lambda: step(i))[1])
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def bench_torch(name, hp, config, images_np) -> tuple[dict, object] | None:
+    """The eager PyTorch reference of ``name`` (if it has one): first image and a ``step(i)``."""
+    try:
+        import torch
+        from tta_jax import torch_reference as ref
+    except ImportError as err:
+        logging.warning("PyTorch reference skipped: %s", err)
+        return None
+    b = config.benchmark
+    torch.set_num_threads(int(b.torch_threads))
+    torch.manual_seed(0)
+    model = ref.TorchResUNet(config.model.backbone, 2, config.model.width).train()
+    step = ref.make_step(name, model, hp)
+    if step is None:
+        return None
+    xs = [torch.from_numpy(np.ascontiguousarray(im.transpose(0, 3, 1, 2))) for im in images_np]
+    _, first = _timed(lambda: step(xs[0]))
+    return {"first_image_s": first, "threads": int(b.torch_threads)}, lambda i: step(xs[i])
+
+
+def _stream_seconds(runner: StreamRunner, state, images, masks, keys) -> tuple[float, float]:
+    """(first pass incl. compilation, second pass) wall seconds of ``runner`` over one stream."""
+    passes = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        _block(runner.run_stream(state, images, masks, keys))
+        passes.append(time.perf_counter() - t0)
+    return passes[0], passes[1]
+
+
+def bench_loops(method, variables, images, masks, key, unroll: int) -> dict:
+    """Seconds per image of the loop forms over one stream of ``len(images)``."""
+    n = len(images)
+    out = {}
+    for label, loop, u in (("python", "python", 1), ("scan", "scan", 1), (f"scan_unroll{unroll}", "scan", unroll)):
+        runner = StreamRunner(method, loop, scan_chunk=n, scan_unroll=u)
+        first, second = _stream_seconds(runner, method.init(variables, key), images, masks, key)
+        out[label] = {"first_pass_s": first, "per_image_s": second / n}
+    return out
+
+
+def bench_streams(method, variables, images, masks, key, ks, stream_map: str = "vmap") -> dict:
+    """Images/s of K streams in one batched step (``stream_map``: vmap or lax.map), for each K in ``ks``."""
+    n, out = len(images), {}
+    for k in ks:
+        if k == 1:
+            runner, state, keys = StreamRunner(method), method.init(variables, key), key
+        else:
+            keys = jax.random.split(key, k)
+            runner = StreamRunner(method, batched=True, stream_map=stream_map)
+            state = init_streams(method, variables, keys)
+        first, second = _stream_seconds(runner, state, images, masks, keys)
+        out[str(k)] = {"first_pass_s": first, "seconds": second, "images_per_s": k * n / second}
+    base = out.get("1", {}).get("images_per_s")
+    for row in out.values():
+        row["speedup_vs_sequential"] = row["images_per_s"] / base if base else None
+    return out
+
+
+def bench_dgcs(nodes: int, hidden: int, clusters: int, key) -> dict:
+    feats = jax.random.normal(key, (nodes, hidden))
+    valid = jnp.ones((nodes,), bool)
+    w = jnp.eye(hidden)
+    hp = SinkhornHParams()
+
+    def forward(v):
+        return refined_graph(v, valid, w, w, clusters, 0.1, hp)[0]
+
+    def loss_and_grad(v):
+        return jax.value_and_grad(lambda u: jnp.sum(forward(u) * (u @ u.T)))(v)
+
+    out = {"nodes": nodes, "edges": nodes * nodes}
+    for label, fn in (("forward", forward), ("forward_backward", loss_and_grad)):
+        times, compiled = aot_times(fn, feats)
+        _block(compiled(feats))
+        runs = [_timed(lambda: _block(compiled(feats)))[1] for _ in range(10)]
+        out[label] = {"compile_s": times["compile_s"], "median_s": float(np.median(runs))}
+    return out
+
+
+def run_benchmark(config, workdir: str) -> dict:
+    b = config.benchmark
+    size = int(b.image_size)
+    model = ResUNet(backbone=config.model.backbone, num_classes=2, width=float(config.model.width))
+    key = jax.random.PRNGKey(config.seed)
+    variables = init_variables(model, key, size)
+    methods = [m for m in b.methods.split(",") if m]
+    # companions (adv_ttt's Δ) with random weights: a method's cost does not depend on them
+    nets = companions(config, run_needs(config, methods))
+    for name, net in nets.items():
+        variables = {**variables, name: jax.jit(net.init)(jax.random.PRNGKey(config.seed + 1), jnp.zeros((1, size, size, 2)))}
+
+    def build(base, hp):
+        return make_method(base, model, hp, **{c: nets[c] for c in method_spec(base).needs(hp).companions})
+
+    rng = np.random.default_rng(config.seed)
+    images_np = [rng.uniform(size=(1, size, size, 3)).astype(np.float32) for _ in range(int(b.stream_length))]
+    images = [jnp.asarray(x) for x in images_np]
+    results = {"device": str(jax.devices()[0]), "backend": jax.default_backend(), "image_size": size,
+               "backbone": config.model.backbone, "width": float(config.model.width),
+               "stream_length": int(b.stream_length), "methods": {}}
+    for name in methods:
+        base, hp = resolve_method(config, name)
+        logging.info("benchmark: %s", name)
+        row, jax_step = bench_method(build(base, hp), variables, images, key)
+        steps = {"jax": jax_step}
+        if b.torch:
+            torch_row = bench_torch(base, hp, config, images_np)
+            if torch_row:
+                row["torch"], steps["torch"] = torch_row
+        medians = steady_state(steps, len(images))
+        row["median_s"] = medians["jax"]
+        if "torch" in medians:
+            t = row["torch"]
+            t["median_s"] = medians["torch"]
+            row["ratio_torch_over_jax"] = t["median_s"] / row["median_s"]
+            row["break_even_images"] = break_even(
+                ready_s(row["cold"]) + row["first_image_s"],
+                row["median_s"], t["first_image_s"], t["median_s"])
+        results["methods"][name] = row
+        logging.info("benchmark %s: %s", name, json.dumps(row))
+    masks = (rng.uniform(size=(len(images_np), size, size, 2)) > 0.5).astype(np.uint8)
+    stream = np.concatenate(images_np)
+    if b.loop_method and (b.loops or b.streams):
+        method = build(*resolve_method(config, b.loop_method))
+        results["loop_method"] = b.loop_method
+        if b.loops:
+            logging.info("benchmark: loop forms (%s)", b.loop_method)
+            results["loops"] = bench_loops(method, variables, stream, masks, key, int(b.scan_unroll))
+        if b.streams:
+            logging.info("benchmark: vmapped streams (%s)", b.loop_method)
+            ks = [int(k) for k in str(b.streams).split(",") if k]
+            results["streams"] = {m: bench_streams(method, variables, stream, masks, key, ks, m)
+                                  for m in str(b.stream_maps).split(",") if m}
+    if int(b.dgcs_nodes):
+        spegc = resolve_method(config, "spegc")[1]
+        results["dgcs"] = bench_dgcs(int(b.dgcs_nodes), spegc.hidden, spegc.clusters, key)
+    results["process_max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out = Path(workdir)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoints.atomic_write_text(out / "benchmark.json", json.dumps(results, indent=1))
+    table = benchmark_table(results)
+    checkpoints.atomic_write_text(out / "benchmark.md", table)
+    print(table)
+    return results
+
+
+def _f(x, digits=3):
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def benchmark_table(r: dict) -> str:
+    lines = [f"# Benchmark on {r['device']} ({r['backend']}): {r['backbone']} ×{r['width']}, "
+             f"{r['image_size']}², batch 1, stream of {r['stream_length']}",
+             "", "Seconds. cold = empty persistent cache; warm = served from it. ready = trace + lower + "
+             "compile: the time until the step can run. median = adaptation step + prediction per image.", "",
+             "| method | trace | lower | compile cold | ready cold | compile warm | ready warm | first image | "
+             "median/image | XLA temp MB | PyTorch first | PyTorch median | PyTorch/JAX | break-even N |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, m in r["methods"].items():
+        t = m.get("torch") or {}
+        lines.append(
+            f"| {name} | {_f(m['cold']['trace_s'])} | {_f(m['cold']['lower_s'])} | {_f(m['cold']['compile_s'])} | "
+            f"{_f(ready_s(m['cold']))} | {_f(m['warm']['compile_s'])} | {_f(ready_s(m['warm']))} | "
+            f"{_f(m['first_image_s'])} | {_f(m['median_s'])} | "
+            f"{_f(m['memory'].get('temp_mb'), 1)} | {_f(t.get('first_image_s'))} | {_f(t.get('median_s'))} | "
+            f"{_f(m.get('ratio_torch_over_jax'), 2)} | {m.get('break_even_images', '–') if t else '–'} |")
+    if "loops" in r:
+        lines += ["", f"Loop forms ({r['loop_method']}, stream of {r['stream_length']}, second pass): "
+                  "seconds per image", "", "| loop | per image | first pass (incl. compile) |", "|---|---|---|"]
+        lines += [f"| {k} | {_f(v['per_image_s'])} | {_f(v['first_pass_s'], 1)} |" for k, v in r["loops"].items()]
+    if "streams" in r:
+        maps = list(r["streams"])
+        lines += ["", f"K independent streams in one jitted step ({r['loop_method']}, second pass), mapped "
+                  "with jax.vmap or lax.map; K = 1 is also the rate of K streams run one after another", "",
+                  "| K | " + " | ".join(f"{m} images/s | {m} × sequential" for m in maps) + " |",
+                  "|---|" + "---|---|" * len(maps)]
+        for k in r["streams"][maps[0]]:
+            lines.append(f"| {k} | " + " | ".join(
+                f"{r['streams'][m][k]['images_per_s']:.2f} | {_f(r['streams'][m][k]['speedup_vs_sequential'], 2)}"
+                for m in maps) + " |")
+    if "dgcs" in r:
+        d = r["dgcs"]
+        lines += ["", f"SPEGC DGCS alone (Eq. 8–14, V = {d['nodes']} nodes, E = {d['edges']} edges, "
+                  f"20 Sinkhorn iterations): forward {1e3 * d['forward']['median_s']:.1f} ms, "
+                  f"forward+backward {1e3 * d['forward_backward']['median_s']:.1f} ms (median of 10)."]
+    lines.append(f"\nProcess peak RSS: {r['process_max_rss_mb']:.0f} MB.")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,142 @@
+"""Layers of the ResUNet rewritten for XLA:CPU, with the parameters, names and values of the Flax layers.
+
+Each one replaces a stock Flax layer whose lowering XLA:CPU runs on a slow
+path; checkpoints and the PyTorch converter see the same parameter tree, and
+``tests/test_model.py`` checks each against the layer it replaces (values and
+gradients). The benchmark (README, Performance) measures what they buy.
+
+* :class:`Conv` — square convolutions with a hand-written input gradient
+  (:func:`conv_same`); 1×1 convolutions as matmuls;
+* :func:`max_pool_3x3_s2` — the stem's max-pool as 9 strided slices;
+* :class:`UpConv2x` — the 2×2/2 transposed convolution as two row matmuls.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+_DIMS = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv(x, kernel, strides: int, pad: int):
+    return jax.lax.conv_general_dilated(x, kernel, (strides, strides), [(pad, pad), (pad, pad)],
+                                        dimension_numbers=_DIMS)
+
+
+def input_grad_kernel(kernel):
+    """The kernel of a convolution's input gradient: spatially flipped, in/out channels swapped (HWIO)."""
+    return jnp.transpose(jnp.flip(kernel, (0, 1)), (0, 1, 3, 2))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv_same(x, kernel, strides: int, pad: int):
+    """A square convolution (NHWC/HWIO, symmetric ``pad``) whose input gradient is spelled out.
+
+    The input gradient is the convolution of the (dilated, for ``strides`` > 1)
+    output gradient with :func:`input_grad_kernel` of ``kernel`` — written
+    here as an explicit transpose, which XLA:CPU materialises and hands to
+    its fast convolution library; left to autodiff it keeps the swapped kernel
+    layout and falls back to a slow generic convolution. Values and gradients equal autodiff's
+    (``tests/test_model.py``).
+    """
+    return _conv(x, kernel, strides, pad)
+
+
+def _conv_same_fwd(x, kernel, strides, pad):
+    return _conv(x, kernel, strides, pad), (x, kernel)
+
+
+def _conv_same_bwd(strides, pad, residuals, dy):
+    x, kernel = residuals
+    k = kernel.shape[0]
+    flipped = input_grad_kernel(kernel)
+    pads = [(k - 1 - pad, k - 1 - pad + (n + 2 * pad - k) % strides) for n in x.shape[1:3]]
+    dx = jax.lax.conv_general_dilated(dy, flipped, (1, 1), pads, lhs_dilation=(strides, strides),
+                                      dimension_numbers=_DIMS)
+    _, kernel_vjp = jax.vjp(lambda kk: _conv(x, kk, strides, pad), kernel)
+    return dx, kernel_vjp(dy)[0]
+
+
+conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
+
+
+class Conv(nn.Module):
+    """``nn.Conv(features, (k, k), strides, padding=k // 2)`` with the same parameters, names, initialisers.
+
+    k > 1 goes through :func:`conv_same`. k = 1 is a strided slice and a matmul over
+    channels, which XLA:CPU runs faster than the convolution, forward and backward
+    (most of all for the two-channel segmentation head). ``tests/test_model.py``
+    checks both against ``nn.Conv``.
+    """
+
+    features: int
+    kernel_size: int
+    strides: int = 1
+    use_bias: bool = True
+    kernel_init: Any = nn.initializers.lecun_normal()
+    bias_init: Any = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x):
+        k = self.kernel_size
+        kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
+        if k == 1:
+            y = jnp.einsum("nhwc,co->nhwo", x[:, ::self.strides, ::self.strides], kernel[0, 0])
+        else:
+            y = conv_same(x, kernel, self.strides, k // 2)
+        if self.use_bias:
+            y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32)
+        return y
+
+
+def max_pool_3x3_s2(x):
+    """``nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))`` as the maximum of 9 strided slices.
+
+    The same forward values; XLA:CPU differentiates the chain of maxima with fused
+    element-wise selects instead of ``reduce_window``'s slow gradient (select-and-scatter).
+    """
+    n, h, w, c = x.shape
+    ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    out = None
+    for dy in range(3):
+        for dx in range(3):
+            window = jax.lax.slice(xp, (0, dy, dx, 0), (n, dy + 2 * (ho - 1) + 1, dx + 2 * (wo - 1) + 1, c),
+                                   (1, 2, 2, 1))
+            out = window if out is None else jnp.maximum(out, window)
+    return out
+
+
+class UpConv2x(nn.Module):
+    """``nn.ConvTranspose(features, (2, 2), strides=(2, 2), padding="VALID")`` as a matmul + depth-to-space.
+
+    A 2×2/2 transposed convolution has no overlapping windows: output pixel
+    ``(2i + a, 2j + b)`` is ``x[i, j] @ K[1 − a, 1 − b] + bias`` (Flax does not
+    transpose the kernel, hence the flip). Same parameters, names, shapes and
+    initialisers as the Flax module — checkpoints and the PyTorch converter are
+    unchanged (``tests/test_model.py`` checks the two agree). Written this way
+    because XLA:CPU runs the lhs-dilated convolution that ``ConvTranspose``
+    lowers to, and its gradient, slower than matmuls.
+    """
+
+    features: int
+    kernel_init: Any = nn.initializers.lecun_normal()
+    bias_init: Any = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", self.kernel_init, (2, 2, x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+        n, h, w, _ = x.shape
+        kernel = kernel[::-1, ::-1]
+        # One matmul per output row parity a: its [n, h, w, (b, o)] result is already output row
+        # 2i + a in memory order, so the two interleave by a cheap row-block concatenation. (A
+        # single einsum to "nhawbo" makes XLA:CPU transpose whole activations.)
+        rows = [jnp.einsum("nhwc,bco->nhwbo", x, kernel[a]).reshape(n, h, 1, 2 * w, self.features)
+                for a in range(2)]
+        return jnp.concatenate(rows, axis=2).reshape(n, 2 * h, 2 * w, self.features) + bias

@@ -1,0 +1,122 @@
+"""PNG figures from ``results.json`` files (matplotlib, headless).
+
+* ``domain_bars``: per-target Dice bars per method (mean ± std over seeds);
+* ``stream_curves``: Dice along the stream (running mean) per method, seed 0;
+* ``method_traces``: a method's own per-image traces, e.g. GraTa's η and cos.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def domain_bars(results: dict, path) -> None:
+    methods, targets = list(results["methods"]), results["target_domains"]
+    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(targets) * max(1, len(methods)) / 3, 3.5))
+    width = 0.8 / len(methods)
+    for k, m in enumerate(methods):
+        per = results["methods"][m]["per_domain"]
+        means = [per[t]["mean"]["mean"] for t in targets]
+        stds = [per[t]["mean"]["std"] for t in targets]
+        ax.bar(np.arange(len(targets)) + k * width, means, width, yerr=stds, label=m)
+    ax.set_xticks(np.arange(len(targets)) + 0.4 - width / 2, targets)
+    ax.set_ylabel("Dice ×100")
+    ax.set_title(f"{results['dataset']}: source {results['source_domain']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _seed_runs(workdir: Path, method: str):
+    return sorted((workdir / "runs" / method).glob("seed_*.json"))
+
+
+# line styles cycle with the colours, so that methods whose curves coincide stay visible
+_STYLES = [dict(ls="-"), dict(ls="--"), dict(ls=":", lw=2.0), dict(ls="-.")]
+
+
+def stream_curves(results: dict, workdir, path, window: int = 10) -> None:
+    """Dice along the stream (running mean) of the first seed of every method, centres marked.
+
+    Methods whose per-image Dice is identical are drawn once and named together
+    in the legend (``bn ≡ grata``).
+    """
+    workdir = Path(workdir)
+    curves, seed, bounds = {}, None, []
+    for m in results["methods"]:
+        files = _seed_runs(workdir, m)
+        if not files:
+            continue
+        run = json.loads(files[0].read_text())
+        seed = run["seed"] if seed is None else seed
+        dice = np.concatenate([np.mean(e["dice"], axis=1) for e in run["per_image"]])
+        domains = np.concatenate([[e["domain"]] * len(e["ids"]) for e in run["per_image"]])
+        if "positions" in run["per_image"][0]:
+            order = np.argsort(np.concatenate([e["positions"] for e in run["per_image"]]))
+            dice, domains = dice[order], domains[order]
+        if results["protocol"] != "mixed":   # a mixed stream interleaves the centres
+            starts = [0] + [i for i in range(1, len(domains)) if domains[i] != domains[i - 1]]
+            bounds = [(i, domains[i]) for i in starts]
+        same = next((k for k, v in curves.items() if len(v) == len(dice) and np.array_equal(v, dice)), None)
+        if same is not None:
+            curves[f"{same} ≡ {m}"] = curves.pop(same)
+        else:
+            curves[m] = dice
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for k, (label, dice) in enumerate(curves.items()):
+        w = min(window, len(dice))
+        x = np.arange(w - 1, len(dice))
+        ax.plot(x, np.convolve(dice, np.ones(w) / w, mode="valid"), label=label, **_STYLES[k % len(_STYLES)])
+    for start, domain in bounds:
+        ax.axvline(start, color="grey", lw=0.6)
+        ax.text(start, 1.0, f" {domain}", transform=ax.get_xaxis_transform(), va="top", fontsize=7, color="grey")
+    ax.set_xlabel("image in stream")
+    ax.set_ylabel(f"Dice ×100 (running mean of {window})")
+    ax.set_title(f"{results['dataset']}: source {results['source_domain']}, {results['protocol']}, seed {seed}",
+                 fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def method_traces(workdir, method: str, path, keys=("eta", "cos")) -> bool:
+    files = _seed_runs(Path(workdir), method)
+    if not files:
+        return False
+    run = json.loads(files[0].read_text())
+    info = {k: np.concatenate([e["info"][k] for e in run["per_image"] if k in e["info"]])
+            for k in keys if all(k in e["info"] for e in run["per_image"])}
+    if not info:
+        return False
+    fig, axes = plt.subplots(len(info), 1, figsize=(7, 2.2 * len(info)), sharex=True)
+    for ax, (k, v) in zip(np.atleast_1d(axes), info.items()):
+        ax.plot(v, lw=0.8)
+        ax.set_ylabel(k)
+    np.atleast_1d(axes)[-1].set_xlabel("image in stream")
+    fig.suptitle(f"{method}: per-image traces (seed {run['seed']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_all(results: dict, workdir) -> list[str]:
+    """Write every figure of one run into ``workdir``; returns the file names."""
+    workdir = Path(workdir)
+    written = []
+    domain_bars(results, workdir / "dice_per_domain.png")
+    written.append("dice_per_domain.png")
+    stream_curves(results, workdir, workdir / "dice_along_stream.png")
+    written.append("dice_along_stream.png")
+    for m in results["methods"]:
+        if method_traces(workdir, m, workdir / f"traces_{m}.png"):
+            written.append(f"traces_{m}.png")
+    return written
