@@ -47,6 +47,12 @@ def test_help_and_harm_against_no_adapt():
     assert m["per_domain"]["B"]["hurt"]["mean"] == pytest.approx(10.0)                   # 20 % and 0 %
     assert m["per_domain"]["B"]["loss_when_hurt"] == {"mean": -4.0, "std": 0.0}          # seed 1 hurt none in B
     assert "no_adapt" not in h["methods"]
+    # Wilcoxon on the seed-averaged per-image Dice, against scipy directly
+    from scipy import stats
+    own = [np.mean([a, b]) for a, b in zip([20, 16, 30.5, 40, 50, 52, 70, 80, 90, 100], [10, 20, 30, 40, 50, 60, 70, 80, 90, 98])]
+    ref_dice = [10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
+    assert m["wilcoxon_p"] == pytest.approx(stats.wilcoxon(own, ref_dice).pvalue)
+    assert report.paired_wilcoxon([1, 2], [1, 2]) is None
     rows = report.merged_rows([{"source_domain": "A", "target_domains": ["B", "C"], "harm": h, "methods": {
         "m": {"average": {"mean": 1, "std": 0}, "per_domain": {d: {"mean": {"mean": 1, "std": 0}} for d in "BC"}}}}])
     assert rows[0]["hurt"] == (10.0, 10.0) and rows[2]["hurt"] == (15.0, 5.0)
