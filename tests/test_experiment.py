@@ -210,3 +210,10 @@ def test_leave_one_domain_grid_and_merge(tiny_experiment, tmp_path):
     assert csv_lines[0].startswith("source,target,method,dice_mean,dice_std,iou_mean")
     assert len(csv_lines) == 1 + 2 * 2 * 2     # 2 sources × 2 methods × (1 target + average)
     assert (tmp_path / "grid" / "S" / "dice_per_domain.png").stat().st_size > 1000
+    assert (tmp_path / "grid" / "S" / "per_image_violins.png").stat().st_size > 1000
+    from tta_jax.plots import per_image_values
+    seed_runs = [json.loads((tmp_path / "grid" / "S" / "runs" / "bn" / f"seed_{s}.json").read_text()) for s in (0, 1)]
+    dice = np.mean([np.concatenate([np.mean(e["dice"], axis=1) for e in r["per_image"]]) for r in seed_runs], axis=0)
+    values = per_image_values(tmp_path / "grid" / "S", "bn")
+    np.testing.assert_allclose(values["dice"], dice)
+    assert set(values) == {"dice", "iou", "hd95"}
