@@ -1,5 +1,5 @@
-"""The GraTa Table 1 baselines: each method's defining property against an independent NumPy
-computation, one compilation per stream, and the finite-step guard."""
+"""The comparison methods of the papers' tables (GraTa Table 1, SPEGC's VPTTA): each method's defining
+property against an independent NumPy computation, one compilation per stream, the finite-step guard."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,7 +10,7 @@ from tta_jax.augment import crop_flip_rotate_views
 from tta_jax.methods import make_method
 
 EPS = 1e-5
-BASELINES = ("dua", "diga", "medbn", "domain_adaptor", "sar", "dltta", "detta")
+BASELINES = ("dua", "diga", "medbn", "domain_adaptor", "sar", "dltta", "detta", "vptta")
 
 
 class InputBN(nn.Module):
@@ -327,3 +327,55 @@ def test_detta_adapts_encoder_bn_only_and_moves_running_statistics():
     kept, _, info = step(new, image.at[0, 5, 5, 0].set(jnp.nan), jax.random.PRNGKey(3))   # the finite guard
     assert float(info["skipped"]) == 1.0
     jax.tree.map(np.testing.assert_array_equal, kept, new)
+
+
+def _numpy_prompt(image, prompt):
+    h, w, _ = image.shape
+    p = prompt.shape[0]
+    spectrum = np.fft.fft2(image, axes=(0, 1))
+    amplitude = np.fft.fftshift(np.abs(spectrum), axes=(0, 1))
+    r, c = (h - p) // 2, (w - p) // 2
+    amplitude[r:r + p, c:c + p] *= prompt
+    return np.real(np.fft.ifft2(np.fft.ifftshift(amplitude, axes=(0, 1)) * np.exp(1j * np.angle(spectrum)), axes=(0, 1)))
+
+
+def test_vptta_prompt_alignment_loss_and_prediction(input_bn):
+    """The low-frequency amplitude prompt (NumPy FFT), AdaBN's mixture m = 1/(√t/5 + 1), the L1 alignment
+    of mixed and instance statistics, and the prediction through the adapted prompt (lr 0: the start)."""
+    from tta_jax.methods.vptta import alignment_loss, apply_prompt
+    model, variables, images = input_bn
+    image = images[0][0].astype(np.float64)
+    prompt = np.random.default_rng(2).uniform(0.5, 1.5, (3, 3, 3))
+    prompted, low = apply_prompt(jnp.asarray(image, jnp.float32), jnp.asarray(prompt, jnp.float32))
+    np.testing.assert_allclose(prompted, _numpy_prompt(image, prompt), atol=1e-5)
+    np.testing.assert_allclose(apply_prompt(jnp.asarray(image, jnp.float32), jnp.ones((3, 3, 3)))[0], image, atol=1e-5)
+    m = 1 / (np.sqrt(2) / 5 + 1)
+    x = image.reshape(-1, 3)
+    mu_s, var_s = (variables["batch_stats"]["bn"][k].astype(np.float64) for k in ("mean", "var"))
+    mean, var = x.mean(0), x.var(0, ddof=1)
+    mixed_mean, mixed_var = m * mean + (1 - m) * mu_s, m * var + (1 - m) * var_s
+    expected = np.mean(np.abs(mixed_mean - mean)) + np.mean(np.abs(np.sqrt(mixed_var) - np.sqrt(var)))
+    got = alignment_loss(model, variables["params"], variables["batch_stats"], jnp.asarray(image[None], jnp.float32), m)
+    assert float(got) == pytest.approx(expected, rel=1e-4)
+    # one step with lr 0 (8×8 images: a 1×1 prompt of ones) predicts the image through the mixture at t = 1
+    method = make_method("vptta", model, {"lr": 0.0})
+    _, logits, info = jax.jit(method.step)(method.init(variables, None), images[0], jax.random.PRNGKey(0))
+    m1 = 1 / (1 / 5 + 1)
+    assert float(info["momentum"]) == pytest.approx(m1)
+    expected = _head(variables, _normalise(variables, x, m1 * mean + (1 - m1) * mu_s, m1 * var + (1 - m1) * var_s))
+    np.testing.assert_allclose(np.asarray(logits).reshape(-1, 2), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_vptta_warm_start_from_the_memory():
+    from tta_jax.methods.vptta import VPTTAHParams, warm_start
+    rng = np.random.default_rng(4)
+    hp = VPTTAHParams(memory_size=6, neighbours=3)
+    keys, key = rng.normal(size=(6, 12)), rng.normal(size=12)
+    prompts = rng.uniform(0.5, 1.5, (6, 2, 2, 3))
+    cos = keys[:5] @ key / np.linalg.norm(keys[:5], axis=1) / np.linalg.norm(key)     # 5 entries stored
+    top = np.argsort(-cos)[:3]
+    w = np.exp(cos[top] / 0.2) / np.exp(cos[top] / 0.2).sum()
+    got = warm_start(jnp.asarray(keys), jnp.asarray(prompts), jnp.asarray(5), jnp.asarray(key), hp)
+    np.testing.assert_allclose(got, np.einsum("k,kabc->abc", w, prompts[top]), rtol=1e-5)
+    ones = warm_start(jnp.asarray(keys), jnp.asarray(prompts), jnp.asarray(2), jnp.asarray(key), hp)
+    np.testing.assert_array_equal(ones, 1.0)                                           # fewer than 3 stored
