@@ -2,7 +2,7 @@
 and a per-image input adaptor tuned against it, next to the frozen model.
 
 Run (synthetic default: trains — or reuses the cached — adversarial source model on A, then adapts
-every image of B–E; CPU, minutes)::
+every image of B–F; CPU, minutes)::
 
   python -m experiments.main --config=configs/adv_ttt.py --workdir=/tmp/tta_adv
 

@@ -1,6 +1,6 @@
 """SPEGC (semantic-prompt-enhanced graph clustering) in the continual protocol, next to the baselines.
 
-Run (synthetic default: source A, targets B→C→D→E in one never-reset stream; CPU, minutes)::
+Run (synthetic default: source A, targets B→C→D→E→F in one never-reset stream; CPU, minutes)::
 
   python -m experiments.main --config=configs/spegc.py --workdir=/tmp/tta_spegc
 
