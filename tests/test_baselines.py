@@ -379,3 +379,22 @@ def test_vptta_warm_start_from_the_memory():
     np.testing.assert_allclose(got, np.einsum("k,kabc->abc", w, prompts[top]), rtol=1e-5)
     ones = warm_start(jnp.asarray(keys), jnp.asarray(prompts), jnp.asarray(2), jnp.asarray(key), hp)
     np.testing.assert_array_equal(ones, 1.0)                                           # fewer than 3 stored
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", BASELINES)
+def test_vmapped_seeds_equal_sequential_runs(micro_with_decoder, name):
+    """Two seeds as one vmapped stream (the paper variants' setting) = two sequential runs: the declared
+    stream axes split each method's state correctly."""
+    from tta_jax.runner import StreamRunner, init_streams
+    model, variables = micro_with_decoder
+    method = make_method(name, model)
+    images = np.asarray(jax.random.uniform(jax.random.PRNGKey(1), (3, 32, 32, 3)))
+    masks = (images[..., :2] > 0.5).astype(np.uint8)
+    keys = jnp.stack([jax.random.PRNGKey(s) for s in (0, 1)])
+    batched = StreamRunner(method, "python", batched=True, stream_map="vmap")
+    _, scores = batched.run_stream(init_streams(method, variables, keys), images, masks, keys)
+    for s in (0, 1):
+        single = StreamRunner(method, "python")
+        _, ref = single.run_stream(method.init(variables, keys[s]), images, masks, keys[s])
+        np.testing.assert_allclose(np.asarray(scores["dice"])[:, s], np.asarray(ref["dice"]), atol=1e-3)

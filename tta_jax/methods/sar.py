@@ -130,9 +130,11 @@ def make(model, hp: SARHParams) -> Method:
         logits = forward_test_stats(model, merge_params(new.bn_params, state.fixed_params), state.batch_stats,
                                     images)
         reset = new.ema < hp.reset_threshold
-        recovered = state._replace(bn_params=state.source_bn, opt_state=optimizer.init(state.source_bn),
-                                   ema=jnp.asarray(jnp.nan))
-        new = jax.tree.map(lambda r, n: jnp.where(reset, r, n), recovered, new)
+        # only the adapted leaves are recovered: the shared ones stay one copy for every stream
+        pick = lambda r, n: jax.tree.map(lambda a, b: jnp.where(reset, a, b), r, n)
+        new = new._replace(bn_params=pick(state.source_bn, new.bn_params),
+                           opt_state=pick(optimizer.init(state.source_bn), new.opt_state),
+                           ema=jnp.where(reset, jnp.nan, new.ema))
         return new, logits, {"loss": loss1, "loss_perturbed": loss2, "ema": ema, "reset": reset.astype(jnp.float32),
                              "reliable_fraction": jnp.mean(reliable), "skipped": 1.0 - ok.astype(jnp.float32)}
 

@@ -52,9 +52,9 @@ from tta_jax import checkpoints
 from tta_jax.experiment import resolve_method, run_needs
 from tta_jax.methods import make_method, method_spec
 from tta_jax.methods.spegc.graph_clustering import SinkhornHParams, refined_graph
-from tta_jax.models import ResUNet, init_variables
+from tta_jax.models import init_variables
 from tta_jax.runner import StreamRunner, init_streams
-from tta_jax.source import companions
+from tta_jax.source import build_model, companions
 
 
 def _block(tree):
@@ -222,12 +222,15 @@ def bench_dgcs(nodes: int, hidden: int, clusters: int, key) -> dict:
 def run_benchmark(config, workdir: str) -> dict:
     b = config.benchmark
     size = int(b.image_size)
-    model = ResUNet(backbone=config.model.backbone, num_classes=2, width=float(config.model.width))
+    methods = [m for m in b.methods.split(",") if m]
+    needs = run_needs(config, methods)
+    # one network with every auxiliary branch a benchmarked method needs (DeTTA's decoder); a method
+    # that does not ask for a branch never computes it
+    model = build_model(config, 2, needs)
     key = jax.random.PRNGKey(config.seed)
     variables = init_variables(model, key, size)
-    methods = [m for m in b.methods.split(",") if m]
     # companions (adv_ttt's Δ) with random weights: a method's cost does not depend on them
-    nets = companions(config, run_needs(config, methods))
+    nets = companions(config, needs)
     for name, net in nets.items():
         variables = {**variables, name: jax.jit(net.init)(jax.random.PRNGKey(config.seed + 1), jnp.zeros((1, size, size, 2)))}
 

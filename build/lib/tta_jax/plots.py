@@ -2,7 +2,9 @@
 
 * ``domain_bars``: per-target Dice bars per method (mean ± std over seeds);
 * ``stream_curves``: Dice along the stream (running mean) per method, seed 0;
-* ``method_traces``: a method's own per-image traces, e.g. GraTa's η and cos.
+* ``method_traces``: a method's own per-image traces, e.g. GraTa's η and cos;
+* ``per_image_violins``: the distribution over images of Dice (and IoU and HD95
+  with ``metrics=full``) per method, each image's value averaged over seeds.
 """
 from __future__ import annotations
 
@@ -108,6 +110,41 @@ def method_traces(workdir, method: str, path, keys=("eta", "cos")) -> bool:
     return True
 
 
+def per_image_values(workdir, method: str) -> dict[str, np.ndarray]:
+    """{metric: per-image values averaged over seeds and channels} of one method (Dice always;
+    IoU and HD95 when the run computed the full metrics)."""
+    by_seed = []
+    for f in _seed_runs(Path(workdir), method):
+        run, values = json.loads(f.read_text()), {}
+        for e in run["per_image"]:
+            values.setdefault("dice", []).extend(np.mean(e["dice"], axis=1))
+            for per_image in e.get("metrics", []):
+                for metric in ("iou", "hd95"):
+                    values.setdefault(metric, []).append(np.mean([ch[metric] for ch in per_image.values()]))
+        by_seed.append({k: np.asarray(v) for k, v in values.items()})
+    return {k: np.mean([s[k] for s in by_seed], axis=0) for k in (by_seed[0] if by_seed else {})}
+
+
+def per_image_violins(results: dict, workdir, path) -> bool:
+    methods = [m for m in results["methods"] if _seed_runs(Path(workdir), m)]
+    values = {m: per_image_values(workdir, m) for m in methods}
+    metrics = [k for k in ("dice", "iou", "hd95") if methods and all(k in values[m] for m in methods)]
+    if not metrics:
+        return False
+    labels = {"dice": "Dice ×100 ↑", "iou": "IoU ×100 ↑", "hd95": "HD95 (px) ↓"}
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(1.5 + 0.9 * len(methods), 2.6 * len(metrics)), squeeze=False)
+    for ax, metric in zip(axes[:, 0], metrics):
+        ax.violinplot([values[m][metric] for m in methods], showmedians=True)
+        ax.set_xticks(np.arange(1, len(methods) + 1), methods, rotation=30, fontsize=7)
+        ax.set_ylabel(labels[metric])
+    axes[0, 0].set_title(f"{results['dataset']}: source {results['source_domain']}, per image "
+                         f"(mean over seeds {results['seeds']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def write_all(results: dict, workdir) -> list[str]:
     """Write every figure of one run into ``workdir``; returns the file names."""
     workdir = Path(workdir)
@@ -116,6 +153,8 @@ def write_all(results: dict, workdir) -> list[str]:
     written.append("dice_per_domain.png")
     stream_curves(results, workdir, workdir / "dice_along_stream.png")
     written.append("dice_along_stream.png")
+    if per_image_violins(results, workdir, workdir / "per_image_violins.png"):
+        written.append("per_image_violins.png")
     for m in results["methods"]:
         if method_traces(workdir, m, workdir / f"traces_{m}.png"):
             written.append(f"traces_{m}.png")

@@ -103,7 +103,9 @@ def harm(runs_by_method: dict, reference: str = "no_adapt", margin: float = HARM
     (``hurt``), and the mean Dice change over the hurt images (``loss_when_hurt``,
     ≤ −margin; None when no image is hurt). Mean ± std over seeds (seeds without a
     hurt image are left out of ``loss_when_hurt``). The same per target domain
-    under ``per_domain``.
+    under ``per_domain``. ``wilcoxon_p``: the two-sided paired Wilcoxon signed-rank
+    test of the method's per-image Dice against the reference's, each image's
+    Dice averaged over seeds (:func:`paired_wilcoxon`).
     """
     refs = [per_image_scores(r) for r in runs_by_method[reference]]
     domains = sorted({k[0] for k in refs[0]})
@@ -115,11 +117,25 @@ def harm(runs_by_method: dict, reference: str = "no_adapt", margin: float = HARM
         for s, run in enumerate(runs):
             ref, own = refs[min(s, len(refs) - 1)], per_image_scores(run)
             deltas.append({k: own[k] - ref[k] for k in ref})
+        keys = sorted(refs[0], key=str)
+        own_mean = [np.mean([per_image_scores(r)[k] for r in runs]) for k in keys]
+        ref_mean = [np.mean([ref[k] for ref in refs]) for k in keys]
         out["methods"][name] = {**_help_and_harm([np.array(list(d.values())) for d in deltas], margin),
+                                "wilcoxon_p": paired_wilcoxon(own_mean, ref_mean),
                                 "per_domain": {dom: _help_and_harm(
                                     [np.array([v for k, v in d.items() if k[0] == dom]) for d in deltas], margin)
                                     for dom in domains}}
     return out
+
+
+def paired_wilcoxon(a, b) -> float | None:
+    """Two-sided p-value of the Wilcoxon signed-rank test of paired samples (zero differences dropped,
+    scipy's default); None when every pair is equal (no test possible)."""
+    from scipy import stats
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if np.all(a == b):
+        return None
+    return float(stats.wilcoxon(a, b).pvalue)
 
 
 def _help_and_harm(deltas: list[np.ndarray], margin: float) -> dict:
@@ -134,10 +150,12 @@ def _help_and_harm(deltas: list[np.ndarray], margin: float) -> dict:
 def harm_table(h: dict) -> str:
     m = f"{h['margin']:g}"
     rows = [f"| method | images helped (Dice > +{m} vs {h['reference']}) | images hurt (Dice < −{m}) "
-            f"| mean Dice change on hurt images |", "|---|---|---|---|"]
+            f"| mean Dice change on hurt images | Wilcoxon p vs {h['reference']} |", "|---|---|---|---|---|"]
     for name, r in h["methods"].items():
         loss = fmt(**r["loss_when_hurt"]) if r["loss_when_hurt"] else "–"
-        rows.append(f"| {name} | {fmt(**r['helped'])} % | {fmt(**r['hurt'])} % | {loss} |")
+        p = r.get("wilcoxon_p")
+        rows.append(f"| {name} | {fmt(**r['helped'])} % | {fmt(**r['hurt'])} % | {loss} | "
+                    f"{'–' if p is None else f'{p:.2g}'} |")
     return "\n".join(rows)
 
 
