@@ -78,3 +78,15 @@ def supervised_bn_gradient(model, state: BNAdaptState, images, masks):
         return bce_with_logits(logits, masks.astype(logits.dtype))
 
     return jax.grad(loss)(state.bn_params)
+
+
+def memory_neighbours(keys, count, key, k: int, temperature: float):
+    """Attention over a ring-buffer memory (DLTTA, VPTTA): the ``k`` stored keys most cosine-similar to
+    ``key`` among the ``min(count, len(keys))`` written, and weights ``softmax(cos / temperature)``.
+    Returns ``(weights [k], indices [k])``."""
+    size = keys.shape[0]
+    valid = jnp.arange(size) < jnp.minimum(count, size)
+    unit = lambda v: v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+    cos = jnp.where(valid, unit(keys) @ unit(key), -jnp.inf)
+    top_cos, top_idx = jax.lax.top_k(cos, k)
+    return jax.nn.softmax(top_cos / temperature), top_idx

@@ -43,6 +43,7 @@ from tta_jax.bn import forward_test_stats, merge_params, split_bn_params
 from tta_jax.hparams import HParamError, bounded
 from tta_jax.losses import binary_entropy
 from tta_jax.methods.base import Method, check_step_input, keep_if_finite, register
+from tta_jax.methods.common import memory_neighbours
 
 PROB_EPS = 1e-6
 
@@ -85,12 +86,7 @@ def to_value_grid(prob, size: int):
 def dynamic_learning_rate(keys, values, count, key, logits, hp: DLTTAHParams):
     """(learning rate, discrepancy d) of the current image (``logits`` ``[H, W, C]``, pooled feature ``key``)
     from the memory bank (module docstring)."""
-    size = keys.shape[0]
-    valid = jnp.arange(size) < jnp.minimum(count, size)
-    unit = lambda v: v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
-    cos = jnp.where(valid, unit(keys) @ unit(key), -jnp.inf)
-    top_cos, top_idx = jax.lax.top_k(cos, hp.neighbours)
-    weights = jax.nn.softmax(top_cos / hp.similarity_temperature)
+    weights, top_idx = memory_neighbours(keys, count, key, hp.neighbours, hp.similarity_temperature)
     past = jnp.clip(jnp.einsum("k,khwc->hwc", weights, values[top_idx]), PROB_EPS, 1 - PROB_EPS)
     now = to_value_grid(jax.nn.sigmoid(logits / hp.prediction_temperature), hp.value_size)
     now = jnp.clip(now, PROB_EPS, 1 - PROB_EPS)

@@ -39,6 +39,7 @@ import optax
 from tta_jax.bn import channel_axes, forward_with_statistics
 from tta_jax.hparams import bounded
 from tta_jax.methods.base import Method, check_step_input, keep_if_finite, register
+from tta_jax.methods.common import memory_neighbours
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,11 +118,7 @@ def warm_start(keys, prompts, count, key, hp: VPTTAHParams):
     """The starting prompt: ones until ``neighbours`` entries are stored, then the softmax(cos / T)-weighted
     mean of the nearest stored prompts."""
     size = keys.shape[0]
-    valid = jnp.arange(size) < jnp.minimum(count, size)
-    unit = lambda v: v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
-    cos = jnp.where(valid, unit(keys) @ unit(key), -jnp.inf)
-    top_cos, top_idx = jax.lax.top_k(cos, hp.neighbours)
-    weights = jax.nn.softmax(top_cos / hp.similarity_temperature)
+    weights, top_idx = memory_neighbours(keys, count, key, hp.neighbours, hp.similarity_temperature)
     mixed = jnp.einsum("k,kabc->abc", weights, prompts[top_idx])
     return jnp.where(jnp.minimum(count, size) >= hp.neighbours, mixed, jnp.ones_like(mixed))
 
