@@ -113,12 +113,11 @@ def harm(runs_by_method: dict, reference: str = "no_adapt", margin: float = HARM
     for name, runs in runs_by_method.items():
         if name == reference:
             continue
-        deltas = []
-        for s, run in enumerate(runs):
-            ref, own = refs[min(s, len(refs) - 1)], per_image_scores(run)
-            deltas.append({k: own[k] - ref[k] for k in ref})
+        owns = [per_image_scores(run) for run in runs]
+        deltas = [{k: own[k] - ref[k] for k in ref} for own, ref in
+                  ((own, refs[min(s, len(refs) - 1)]) for s, own in enumerate(owns))]
         keys = sorted(refs[0], key=str)
-        own_mean = [np.mean([per_image_scores(r)[k] for r in runs]) for k in keys]
+        own_mean = [np.mean([own[k] for own in owns]) for k in keys]
         ref_mean = [np.mean([ref[k] for ref in refs]) for k in keys]
         out["methods"][name] = {**_help_and_harm([np.array(list(d.values())) for d in deltas], margin),
                                 "wilcoxon_p": paired_wilcoxon(own_mean, ref_mean),

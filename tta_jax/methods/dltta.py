@@ -116,10 +116,13 @@ def make(model, hp: DLTTAHParams) -> Method:
     def step(state, images, rng):
         del rng
         check_step_input(images)
-        logits, feats = forward(state.bn_params, state, images, return_features=True)
+        def entropy(bn):   # one forward gives the loss and the memory's key and value
+            logits, feats = forward(bn, state, images, return_features=True)
+            return binary_entropy(logits), (jax.lax.stop_gradient(logits), jax.lax.stop_gradient(feats))
+
+        (loss, (logits, feats)), grads = jax.value_and_grad(entropy, has_aux=True)(state.bn_params)
         key = jnp.mean(feats, axis=(0, 1, 2))
         lr, discrepancy = dynamic_learning_rate(state.keys, state.values, state.count, key, logits[0], hp)
-        loss, grads = jax.value_and_grad(lambda bn: binary_entropy(forward(bn, state, images)))(state.bn_params)
         scaled, opt_state = adam.update(grads, state.opt_state)
         bn_params = jax.tree.map(lambda p, u: p - lr * u, state.bn_params, scaled)
         slot = state.count % hp.memory_size

@@ -53,11 +53,6 @@ class DUAState(NamedTuple):
     momentum: jax.Array    # m_0 · d^k of the last image (before the floor)
 
 
-def momentum_at(k, hp: DUAHParams):
-    """The momentum of the k-th image (1-based): ``initial · decay^k + minimum``."""
-    return hp.initial_momentum * hp.decay ** k + hp.min_momentum
-
-
 def updated_running_statistics(batch_stats, views_stats, counts, momentum):
     """Each layer's running (mean, var) moved towards its batch statistics with ``momentum``;
     the batch variance made unbiased with that layer's count n (PyTorch's running update)."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from tta_jax.bn import forward_with_statistics
+from tta_jax.bn import channel_axes, forward_with_statistics
 from tta_jax.methods.base import Method, NoHParams, register
 from tta_jax.methods.common import make_frozen_method
 
@@ -37,7 +37,7 @@ def lower_median(x, axes):
 def median_statistics(layer, x):
     """MedBN's (centre, spread) of ``x`` (channels last): the median and the mean squared deviation from it."""
     del layer
-    axes = tuple(range(x.ndim - 1))
+    axes = channel_axes(x)
     centre = lower_median(x, axes)
     return centre, jnp.mean(jnp.square(x - centre), axis=axes)
 

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import optax
 
 from tta_jax.bn import channel_axes, forward_with_statistics
-from tta_jax.hparams import bounded
+from tta_jax.hparams import HParamError, bounded
 from tta_jax.methods.base import Method, check_step_input, keep_if_finite, register
 from tta_jax.methods.common import memory_neighbours
 
@@ -53,6 +53,10 @@ class VPTTAHParams:
     neighbours: int = bounded(16, low=1)
     similarity_temperature: float = bounded(0.2, low=0.0, low_open=True)
     warm_n: float = bounded(5.0, low=0.0, low_open=True)
+
+    def __post_init__(self):
+        if self.neighbours > self.memory_size:
+            raise HParamError(f"vptta: neighbours={self.neighbours} exceeds memory_size={self.memory_size}")
 
 
 class VPTTAState(NamedTuple):
@@ -127,8 +131,6 @@ def warm_start(keys, prompts, count, key, hp: VPTTAHParams):
 def make(model, hp: VPTTAHParams) -> Method:
     optimizer = optax.adam(hp.lr, b1=hp.b1, b2=hp.b2)
     big = hp.max_prompt_size
-    if hp.neighbours > hp.memory_size:
-        raise ValueError(f"vptta: neighbours={hp.neighbours} exceeds memory_size={hp.memory_size}")
 
     def init(variables, rng):
         del rng
