@@ -398,3 +398,12 @@ def test_vmapped_seeds_equal_sequential_runs(micro_with_decoder, name):
         single = StreamRunner(method, "python")
         _, ref = single.run_stream(method.init(variables, keys[s]), images, masks, keys[s])
         np.testing.assert_allclose(np.asarray(scores["dice"])[:, s], np.asarray(ref["dice"]), atol=1e-3)
+
+
+def test_sar_without_reliable_pixels_leaves_the_ema_and_parameters(input_bn):
+    model, variables, images = input_bn
+    method = make_method("sar", model, {"margin_factor": 1e-9, "reset_threshold": 10.0})
+    state = method.init(variables, None)
+    new, _, info = jax.jit(method.step)(state, images[0], jax.random.PRNGKey(0))
+    assert float(info["reliable_fraction"]) == 0.0 and float(info["reset"]) == 0.0 and np.isnan(float(new.ema))
+    jax.tree.map(np.testing.assert_array_equal, new.bn_params, state.bn_params)

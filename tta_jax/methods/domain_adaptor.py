@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from tta_jax.bn import batch_statistics, channel_axes, forward_with_statistics, merge_params, split_bn_params
+from tta_jax.bn import channel_axes, forward_test_stats, forward_with_statistics, merge_params, split_bn_params
 from tta_jax.hparams import bounded
 from tta_jax.methods.base import Method, check_step_input, keep_if_finite, register
 from tta_jax.methods.common import FrozenState, init_frozen_state
@@ -111,15 +111,13 @@ def make(model, hp: DomainAdaptorHParams) -> Method:
         start = jax.lax.stop_gradient(traverse_util.unflatten_dict(rectified))
 
         def loss_fn(bn):
-            logits, _ = forward_with_statistics(model, merge_params(bn, frozen), state.batch_stats, images,
-                                                batch_statistics)
+            logits = forward_test_stats(model, merge_params(bn, frozen), state.batch_stats, images)
             return gem_t(logits, hp.temperature_factor)
 
         loss, grads = jax.value_and_grad(loss_fn)(start)
         updated = jax.tree.map(lambda p, g: p - hp.lr * g, start, grads)
         adapted, ok = keep_if_finite(updated, start, loss)
-        logits, _ = forward_with_statistics(model, merge_params(adapted, frozen), state.batch_stats, images,
-                                            batch_statistics)
+        logits = forward_test_stats(model, merge_params(adapted, frozen), state.batch_stats, images)
         mean_lambda = jnp.mean(jnp.stack([v[0] for v in layers.values()]))
         return state, logits, {"loss": loss, "lambda": mean_lambda, "skipped": 1.0 - ok.astype(jnp.float32)}
 

@@ -20,8 +20,9 @@ last encoder stage's BN layers frozen as the official code freezes ``layer4``):
    would push the EMA under 0.2 and reset the model after every image.
 
 Choices documented: the official per-sample filter becomes a per-pixel one
-(one image per batch); with no reliable pixel the loss is 0 and nothing moves
-(the official code would average an empty tensor); adapt-then-predict as this
+(one image per batch); with no reliable pixel the loss is 0, nothing moves and
+the EMA keeps its value (the official code averages an empty tensor, a NaN it
+leaves out of the EMA); adapt-then-predict as this
 project's other fine-tuning methods (the official code predicts from the
 forward before the update); the learning rate is not stated by the GraTa
 paper: 1e-3 (the official ImageNet batch-1 rate is 1.5625e-5 for SGD on 2048
@@ -120,11 +121,14 @@ def make(model, hp: SARHParams) -> Method:
 
         def second_loss(bn):
             ent = entropy_at(bn, state, images)
-            return reliable_entropy(ent, reliable & jax.lax.stop_gradient(ent < margin))
+            kept = reliable & jax.lax.stop_gradient(ent < margin)
+            return reliable_entropy(ent, kept), jnp.any(kept)
 
-        loss2, g2 = jax.value_and_grad(second_loss)(perturbed)
+        (loss2, any_kept), g2 = jax.value_and_grad(second_loss, has_aux=True)(perturbed)
         updates, opt_state = optimizer.update(g2, state.opt_state, state.bn_params)
-        ema = jnp.where(jnp.isnan(state.ema), loss2, hp.ema_decay * state.ema + (1 - hp.ema_decay) * loss2)
+        # an image without reliable pixels has no loss (the official mean is NaN): the EMA does not move
+        moved = jnp.where(jnp.isnan(state.ema), loss2, hp.ema_decay * state.ema + (1 - hp.ema_decay) * loss2)
+        ema = jnp.where(any_kept, moved, state.ema)
         new = state._replace(bn_params=optax.apply_updates(state.bn_params, updates), opt_state=opt_state, ema=ema)
         new, ok = keep_if_finite(new, state, loss1, loss2)
         logits = forward_test_stats(model, merge_params(new.bn_params, state.fixed_params), state.batch_stats,
