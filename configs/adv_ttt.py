@@ -5,8 +5,12 @@ Run (synthetic default: trains — or reuses the cached — adversarial source m
 every image of B–F; CPU, minutes)::
 
   python -m experiments.main --config=configs/adv_ttt.py --workdir=/tmp/tta_adv
+  python -m experiments.main --config=configs/adv_ttt.py:dae --workdir=/tmp/tta_dae
 
-Variants: ``polyp`` — real data, Kvasir-SEG → CVC-ClinicDB (100 evenly spaced target images); ``paper`` — 512², ResNet-34, Adam
+Variants: ``dae`` — the adversarial prior against the shape prior of a mask denoising
+autoencoder (Karani et al.; Valvano et al. Fig. 4): rows no_adapt, adv_ttt, dae_ttt on the same
+segmentor, the DAE trained on the source masks (``--config.dae.*``); ``polyp`` — real data,
+Kvasir-SEG → CVC-ClinicDB (100 evenly spaced target images); ``paper`` — 512², ResNet-34, Adam
 1e-4 for the segmentor, the official-code tuning schedule (up to 2000 iterations, patience 200,
 keep the best-loss prediction); ``semi`` — semi-supervised source stage (25 % labelled, the rest
 as unpaired images and masks); ``quick`` — a smoke run. Every option is an override, e.g.
@@ -24,6 +28,9 @@ def get_config(arg=None):
     # command stays under 15 minutes on 2 cores; --config.synthetic.num_test=40 for the full set.
     c.synthetic.num_test = 20
     parts = [a for a in (arg or "").split(",") if a]
+    if "dae" in parts:
+        parts.remove("dae")
+        c.methods = "no_adapt,adv_ttt,dae_ttt"
     if "semi" in parts:
         parts.remove("semi")
         c.adversarial.labelled_fraction = 0.25
@@ -36,5 +43,7 @@ def get_config(arg=None):
         c.source.lr = 1e-4
         c.source.optimizer = "adam"
         c.adversarial.disc_width = 1.0
-        c.adv_ttt.n_iter, c.adv_ttt.patience, c.adv_ttt.keep_best = 2000, 200, True
+        for name in ("adv_ttt", "dae_ttt"):
+            c[name].n_iter, c[name].patience, c[name].keep_best = 2000, 200, True
+        c.dae.steps = 30000
     return c

@@ -14,6 +14,7 @@ from tta_jax import hparams
 from tta_jax.data.folders import FolderOptions
 from tta_jax.methods import available_methods, method_spec
 from tta_jax.source.adversarial import AdversarialHParams
+from tta_jax.source.dae import DAEHParams
 from tta_jax.source.training import SourceTraining
 
 # The shared real data beside the repository (../shared/data/polyp), whatever the current directory.
@@ -78,6 +79,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     # Adversarial source stage (Valvano et al.): trained when a method needs the mask
     # discriminator (adv_ttt) or when source.adversarial=True; see tta_jax/source/adversarial.py.
     c.adversarial = hparams.to_config(AdversarialHParams)
+    # Mask denoising autoencoder (Karani et al.), trained on the source masks when a method needs
+    # it (dae_ttt); see tta_jax/source/dae.py.
+    c.dae = hparams.to_config(DAEHParams)
     # data family for method defaults that depend on it ("" = from the dataset; folders: set it)
     c.data_family = ""
 

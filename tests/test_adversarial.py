@@ -9,7 +9,8 @@ from tta_jax.source.adversarial import (AdversarialHParams, discriminator_augmen
                                         train_adversarial_source, weighted_cross_entropy)
 from tta_jax.data import SyntheticFundus
 from tta_jax.methods import make_method, method_hparams
-from tta_jax.methods.adv_ttt import make_adaptor_tuner
+from tta_jax.methods.adaptor_tuning import make_adaptor_tuner
+from tta_jax.methods.adv_ttt import adversarial_prior
 from tta_jax.models import InputAdaptor, MaskDiscriminator
 from tta_jax.models.discriminator import normalised_kernels
 from tta_jax.runner import StreamRunner
@@ -93,7 +94,8 @@ def test_discriminator_scores_real_masks_above_fake_anchors(adversarial_model):
 def test_tuning_the_adaptor_lowers_the_loss_and_starts_from_the_identity(micro_model, adversarial_model):
     variables, _, ds, disc = adversarial_model
     method = make_method("adv_ttt", micro_model, {"n_iter": 15, "lr": 1e-2}, discriminator=disc)
-    tune, _ = make_adaptor_tuner(micro_model, disc, method_hparams("adv_ttt", {"n_iter": 15, "lr": 1e-2}))
+    hp = method_hparams("adv_ttt", {"n_iter": 15, "lr": 1e-2})
+    tune = make_adaptor_tuner(micro_model, adversarial_prior(disc, hp.target), hp)
     state = method.init(variables, jax.random.PRNGKey(0))
     image = jnp.asarray(ds.load("C", "test", SIZE).images[:1])
     omega, logits, info = jax.jit(tune)(state, image)

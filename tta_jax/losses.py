@@ -74,3 +74,18 @@ def lsgan_discriminator_loss(real_scores, fake_scores, anchor_scores):
 def lsgan_generator_loss(scores, target: float = 0.0):
     """½E[(Δ(Σ(x)) − c)²]: c = 0 in Eq. 2 (training); test-time training uses c = 1 (DESIGN.md §4)."""
     return 0.5 * jnp.mean((scores - target) ** 2)
+
+
+def label_dice_loss(probabilities: jax.Array, labels: jax.Array, eps: float = 1e-10) -> jax.Array:
+    """Karani et al.'s Dice loss: 1 − the mean over images and labels of 2Σpy / (Σp + Σy + ε).
+
+    Takes probabilities, not logits. The official (softmax) loss averages over
+    every label including the background; here each sigmoid channel is two
+    labels, foreground ``p`` and background ``1 − p``. ``ε`` = 1e-10 as in the
+    official ``compute_dice``.
+    """
+    p = jnp.concatenate([probabilities, 1 - probabilities], axis=-1)
+    y = jnp.concatenate([labels, 1 - labels], axis=-1)
+    axes = tuple(range(1, p.ndim - 1))
+    dice = 2 * jnp.sum(p * y, axes) / (jnp.sum(p, axes) + jnp.sum(y, axes) + eps)
+    return 1 - jnp.mean(dice)

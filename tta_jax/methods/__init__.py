@@ -10,7 +10,7 @@ import pkgutil
 from tta_jax.methods.base import (Method, MethodSpec, NoHParams, SourceNeeds, available_methods, keep_if_finite,
                                   make_method, method_hparams, method_spec, register)
 
-_SHARED_MODULES = {"base", "common"}
+_SHARED_MODULES = {"base", "common", "adaptor_tuning"}
 
 for _info in pkgutil.iter_modules(__path__):
     if _info.name not in _SHARED_MODULES:

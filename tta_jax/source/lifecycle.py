@@ -5,7 +5,8 @@ restores ``source_checkpoint`` when given; otherwise it reuses the cached
 model trained with the same settings (:func:`source_settings` is the cache
 key), or trains one and caches it. What the methods of a run need from the
 source stage (:class:`tta_jax.methods.SourceNeeds`: auxiliary heads,
-companion networks such as adv_ttt's mask discriminator) is part of those
+companion networks such as adv_ttt's mask discriminator or dae_ttt's mask
+denoising autoencoder) is part of those
 settings: it decides what is built and trained.
 """
 from __future__ import annotations
@@ -26,11 +27,12 @@ from tta_jax.methods import SourceNeeds
 from tta_jax.models import ResUNet, init_variables
 from tta_jax.models.resunet import AUX_HEADS
 from tta_jax.source.adversarial import AdversarialHParams, train_adversarial_source
+from tta_jax.source.dae import DAEHParams, train_dae
 from tta_jax.source.training import train_source
 
 SOURCE_CACHE_VERSION = 1  # bump when source training changes meaning
 # companions the source stage knows how to train, and the config switch that asks for them
-COMPANIONS = ("discriminator",)
+COMPANIONS = ("discriminator", "dae")
 
 
 def split_list(value: str) -> list[str]:
@@ -64,11 +66,17 @@ def adversarial_hparams(config) -> AdversarialHParams:
     return from_mapping(AdversarialHParams, config.adversarial, "adversarial")
 
 
+def dae_hparams(config) -> DAEHParams:
+    return from_mapping(DAEHParams, config.dae, "dae")
+
+
 def companions(config, needs: SourceNeeds) -> dict:
     """The companion networks (Flax modules) the methods need, by name."""
     out = {}
     if "discriminator" in needs.companions:
         out["discriminator"] = adversarial_hparams(config).discriminator()
+    if "dae" in needs.companions:
+        out["dae"] = dae_hparams(config).network()
     return out
 
 
@@ -85,6 +93,8 @@ def source_settings(config, needs: SourceNeeds = SourceNeeds(), data_digest: str
                     model={**config.model.to_dict(), "aux_heads": ",".join(heads)}, source=source)
     if adversarial:
         settings["adversarial"] = as_dict(adversarial_hparams(config))
+    if "dae" in needs.companions:
+        settings["dae"] = as_dict(dae_hparams(config))
     return settings
 
 
@@ -120,6 +130,10 @@ def get_source_model(config, model, dataset, source: str, needs: SourceNeeds = S
             jax.random.PRNGKey(config.source.seed + 1),
             jnp.zeros((1, config.image_size, config.image_size, model.num_classes)))
         template = {**template, "discriminator": disc_template}
+    if "dae" in needs.companions:
+        dae = dae_hparams(config).network()
+        template = {**template, "dae": jax.jit(lambda k: dae.init(
+            k, jnp.zeros((1, config.image_size, config.image_size, model.num_classes))))(jax.random.PRNGKey(0))}
     template = jax.device_get(template)
     if config.source_checkpoint:
         path = Path(os.path.expanduser(config.source_checkpoint))
@@ -174,6 +188,11 @@ def get_source_model(config, model, dataset, source: str, needs: SourceNeeds = S
             optimizer=config.source.optimizer, photometric=config.source.photometric,
             denoise_std=config.source.denoise_std)
     info = {"train_seconds": time.perf_counter() - start, "loss_history": history, "train_images": train.size}
+    if "dae" in needs.companions:
+        # the shape prior learns from the source labels alone (Karani et al.'s separate pre-training step)
+        logging.info("training the mask DAE on the %d source masks (%d steps)", train.size, dae_hparams(config).steps)
+        dae_variables, info["dae_loss_history"] = train_dae(train.masks, dae_hparams(config))
+        variables = {**variables, "dae": dae_variables}
     checkpoints.save_variables(ckpt_dir, variables, {"settings": settings, "training": info,
                                                      "manifest": train_manifest})
     logging.info("source model saved to %s", ckpt_dir)
