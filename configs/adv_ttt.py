@@ -31,6 +31,7 @@ def get_config(arg=None):
     if "dae" in parts:
         parts.remove("dae")
         c.methods = "no_adapt,adv_ttt,dae_ttt"
+        c.compare_to = "adv_ttt"       # Valvano et al.'s Wilcoxon test of the two priors
     if "semi" in parts:
         parts.remove("semi")
         c.adversarial.labelled_fraction = 0.25

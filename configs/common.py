@@ -47,6 +47,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.max_target_images = 0           # >0: that many evenly spaced images of each target (see evaluate.subsample_stream)
     c.rounds = 5                      # long_term: passes over the target sequence
     c.mixed_seed = 2026               # mixed: permutation seed of the shuffled stream
+    c.compare_to = ""                 # a compared method: also test every other one against it (help/harm, Wilcoxon)
     c.worst_fraction = 0.1            # report Dice on the worst-segmented 10 % (by no_adapt); 0: off
     c.metrics = "dice"                # dice | full (+ IoU, ASSD, HD95, E-measure, S-measure)
     c.distance_unit = "resized_pixels"  # ASSD/HD95 in pixels of the image_size² arrays | native_pixels (stored images)

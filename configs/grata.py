@@ -74,6 +74,8 @@ def get_config(arg=None):
     c = common.get_base_config()
     c.methods = "no_adapt,bn,tent,grata"
     tables, rest = common.apply_tables(c, arg, TABLE_VARIANTS)
+    if "table1" in tables or "table1_plain" in tables:
+        c.compare_to = "grata"
     if "table5" in tables:
         c.model.aux_heads = "reconstruction,rotation,super_resolution,denoising"
     c = common.apply_variant(c, rest)

@@ -61,6 +61,7 @@ def test_cli_config_errors(tmp_path):
     ("stream_map", "pmap", "unknown stream_map"),
     ("image_size", 50, "multiple of 32"),
     ("max_target_images", -1, "max_target_images must be >= 0"),
+    ("compare_to", "grata", "compare_to='grata' is not among the compared methods"),
 ])
 def test_validate_config(tmp_path, key, value, match):
     c = tiny_config(tmp_path)
@@ -136,8 +137,11 @@ def test_long_term_mixed_and_full_metrics(tiny_experiment, tmp_path):
     assert tent["metrics"]["dice"]["mean"] == pytest.approx(tent["average"]["mean"], abs=1e-6)
     md = (tmp_path / "lt" / "results.md").read_text()
     assert "Degradation" in md and "HD95" in md
-    c.protocol = "mixed"
+    c.protocol, c.compare_to = "mixed", "bn"
     res = run(c, str(tmp_path / "mixed"))
+    assert res["harm"] is None and res["harm_vs_reference"]["reference"] == "bn"
+    assert set(res["harm_vs_reference"]["methods"]) == {"tent"}
+    assert "Help and harm per image against bn (config compare_to" in (tmp_path / "mixed" / "results.md").read_text()
     seed_run = json.loads((tmp_path / "mixed" / "runs" / "tent" / "seed_0.json").read_text())
     positions = sorted(p for e in seed_run["per_image"] for p in e["positions"])
     assert positions == list(range(5)) and res["config"]["mixed_seed"] == 2026

@@ -35,6 +35,7 @@ from tta_jax.data.digest import manifest, manifest_digest
 from tta_jax.source import build_model, companions, get_source_model, merge_needs, segmentor_variables
 from tta_jax.source.lifecycle import split_list
 from tta_jax.source.adversarial import AdversarialHParams
+from tta_jax.source.dae import DAEHParams
 from tta_jax.source.training import SourceTraining, evaluate_source_stats
 
 MODES = ("adapt", "source", "benchmark")
@@ -105,8 +106,12 @@ def validate_config(config) -> None:
     if config.mode == "benchmark":
         methods = split_list(config.benchmark.methods)
     run_needs(config, methods)   # every row's hyperparameters are checked here
+    if config.mode == "adapt" and config.compare_to and config.compare_to not in methods:
+        raise HParamError(f"compare_to={config.compare_to!r} is not among the compared methods "
+                          f"({', '.join(methods)})")
     from_mapping(SourceTraining, config.source, "source")
     from_mapping(AdversarialHParams, config.adversarial, "adversarial")
+    from_mapping(DAEHParams, config.dae, "dae")
     if config.dataset == "folders":
         from_mapping(FolderOptions, config.folders, "folders").channel_names()
     if config.image_size < 32 or config.image_size % 32:
@@ -259,6 +264,8 @@ def run(config, workdir: str) -> dict:
         results["methods"][row] = agg
         results["timings"][row] = time.perf_counter() - m_start
     results["harm"] = report.harm(runs_by_method) if "no_adapt" in runs_by_method else None
+    if config.compare_to:
+        results["harm_vs_reference"] = report.harm(runs_by_method, reference=config.compare_to)
     if config.worst_fraction and "no_adapt" in runs_by_method:
         results["worst_images"] = report.worst_images(runs_by_method, "no_adapt", config.worst_fraction)
     results["timings"]["total"] = time.perf_counter() - t0

@@ -300,6 +300,10 @@ def adapt_table(results) -> str:
                   "pooled, seed-matched; mean ± std over seeds):", "", harm_table(results["harm"]), ""]
     elif results.get("harm") is None and len(methods) > 1:
         lines += ["(Help/harm per image needs no_adapt among the methods.)", ""]
+    if (results.get("harm_vs_reference") or {}).get("methods"):
+        lines += [f"Help and harm per image against {results['harm_vs_reference']['reference']} "
+                  "(config compare_to; the same pooling):", "",
+                  harm_table(results["harm_vs_reference"]), ""]
     if "worst_images" in results:
         lines += ["Per-image Dice (channel mean) over all target images pooled (every image weighs "
                   "alike) and over the images no_adapt segments worst:", "",
