@@ -6,8 +6,14 @@ every image of B–F; CPU, minutes)::
 
   python -m experiments.main --config=configs/adv_ttt.py --workdir=/tmp/tta_adv
   python -m experiments.main --config=configs/adv_ttt.py:dae --workdir=/tmp/tta_dae
+  python -m experiments.main --config=configs/adv_ttt.py:table1 --workdir=/tmp/tta_adv_ablation
 
-Variants: ``dae`` — the adversarial prior against the shape prior of a mask denoising
+Variants: ``table1`` — the ablation of Valvano et al. Table 1, one source stage per row (each
+trained or reused from the cache, then merged into ``merged.md``): ``1_unet`` (supervised only),
+``2_gan`` (adversarial, plain discriminator, no fake anchors), ``3_gan_smooth`` (+ spectral norm
+and tanh, #1), ``4_gan_smooth_anchors`` (+ fake anchors, #2), whose ``adv_ttt`` row adds test-time
+training (#3); the paper's table is semi-supervised, every row here uses all source labels (the
+UNet row has no use for unpaired data); ``dae`` — the adversarial prior against the shape prior of a mask denoising
 autoencoder (Karani et al.; Valvano et al. Fig. 4): rows no_adapt, adv_ttt, dae_ttt on the same
 segmentor, the DAE trained on the source masks (``--config.dae.*``); ``polyp`` — real data,
 Kvasir-SEG → CVC-ClinicDB (100 evenly spaced target images); ``paper`` — 512², ResNet-34, Adam
@@ -28,6 +34,16 @@ def get_config(arg=None):
     # command stays under 15 minutes on 2 cores; --config.synthetic.num_test=40 for the full set.
     c.synthetic.num_test = 20
     parts = [a for a in (arg or "").split(",") if a]
+    if "table1" in parts:
+        parts.remove("table1")
+        c.source_stages = {
+            "1_unet": {"methods": "no_adapt", "overrides": {"source": {"adversarial": False}}},
+            "2_gan": {"methods": "no_adapt", "overrides": {
+                "source": {"adversarial": True}, "adversarial": {"smoothness": False, "fake_anchors": False}}},
+            "3_gan_smooth": {"methods": "no_adapt", "overrides": {
+                "source": {"adversarial": True}, "adversarial": {"fake_anchors": False}}},
+            "4_gan_smooth_anchors": {"methods": "no_adapt,adv_ttt", "overrides": {}},
+        }
     if "dae" in parts:
         parts.remove("dae")
         c.methods = "no_adapt,adv_ttt,dae_ttt"

@@ -91,6 +91,9 @@ def get_base_config() -> ml_collections.ConfigDict:
         c[name] = method_subconfig(name)
     # Named rows of ablation tables: {row name: {"method": registered name, **overrides}}.
     c.variants = ml_collections.ConfigDict()
+    # An ablation over source stages: {name: {"methods": ..., "overrides": {dotted key: value}}}, each run
+    # on its own source model into workdir/<name>, merged into one table (experiment.run_source_stages).
+    c.source_stages = ml_collections.ConfigDict()
     return c
 
 

@@ -139,3 +139,18 @@ def test_adv_ttt_needs_a_discriminator(micro_model, micro_variables):
     method = make_method("adv_ttt", micro_model, discriminator=MaskDiscriminator(width=0.125))
     with pytest.raises(ValueError, match="needs the mask discriminator"):
         method.init(micro_variables, jax.random.PRNGKey(0))
+
+
+def test_ablation_discriminator_and_loss_without_anchors():
+    """Table 1's 'GAN' row: a plain discriminator (no spectral norm, LeakyReLU) and no anchor term."""
+    plain = MaskDiscriminator(width=0.125, smooth=False)
+    masks = jax.random.uniform(jax.random.PRNGKey(0), (2, SIZE, SIZE, 2))
+    variables = jax.jit(plain.init)(jax.random.PRNGKey(1), masks)
+    assert not any("sn" in k for k in variables["params"]) and set(variables["batch_stats"]) == {"placeholder"}
+    scores, updates = plain.apply(variables, masks, update_stats=True, mutable=["batch_stats"])
+    assert scores.shape == (2,) and set(updates["batch_stats"]) == {"placeholder"}
+    real, fake = jnp.array([0.5, 1.5]), jnp.array([-0.5, 0.0])
+    expected = 0.5 * (np.mean((np.array([0.5, 1.5]) - 1) ** 2) + np.mean((np.array([-0.5, 0.0]) + 1) ** 2))
+    assert float(lsgan_discriminator_loss(real, fake)) == pytest.approx(expected)
+    assert float(lsgan_discriminator_loss(real, fake, jnp.array([1.0]))) == pytest.approx(expected + 2.0)
+    assert AdversarialHParams(smoothness=False).discriminator().smooth is False

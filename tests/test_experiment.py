@@ -221,3 +221,23 @@ def test_leave_one_domain_grid_and_merge(tiny_experiment, tmp_path):
     values = per_image_values(tmp_path / "grid" / "S", "bn")
     np.testing.assert_allclose(values["dice"], dice)
     assert set(values) == {"dice", "iou", "hd95"}
+
+
+def test_source_stage_ablation_merges_one_row_per_stage_and_method(tmp_path):
+    """Each stage trains its own source model (here: different step counts) and the merged table
+    labels rows stage/method with that stage's own numbers."""
+    c = tiny_config(tmp_path, methods="no_adapt")
+    c.seeds, c.target_domains = 1, "C"
+    c.source_stages = {"1_short": {"methods": "no_adapt", "overrides": {"source": {"steps": 10}}},
+                       "2_long": {"methods": "no_adapt,bn", "overrides": {"source": {"steps": 30}}}}
+    out = run(c, str(tmp_path / "ablation"))
+    merged = (tmp_path / "ablation" / "merged.md").read_text()
+    for stage, methods in (("1_short", ["no_adapt"]), ("2_long", ["no_adapt", "bn"])):
+        res = json.loads((tmp_path / "ablation" / stage / "results.json").read_text())
+        assert res["config"]["source"]["steps"] == {"1_short": 10, "2_long": 30}[stage]
+        for m in methods:
+            assert f"| A | average | {stage}/{m} | {res['methods'][m]['average']['mean']:.2f} ± " in merged
+    assert out["stages"]["1_short"]["source"]["identity"] != out["stages"]["2_long"]["source"]["identity"]
+    c.source_stages = {"x": {"methods": "no_adapt", "overrides": {"source": {"stepz": 1}}}}
+    with pytest.raises(ValueError, match="source_stages.x: unknown override source.stepz"):
+        run(c, str(tmp_path / "bad"))

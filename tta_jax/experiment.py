@@ -186,6 +186,8 @@ def run(config, workdir: str) -> dict:
     if config.mode == "benchmark":
         raise HParamError("mode=benchmark runs through tta_jax.benchmark.run_benchmark (experiments.main)")
     setup_compilation_cache(config)
+    if config.source_stages:
+        return run_source_stages(config, workdir)
     if config.source_domain == "all":
         return run_grid(config, workdir)
     workdir = Path(workdir)
@@ -287,6 +289,33 @@ def run_grid(config, workdir) -> dict:
     table = report.merge_workdirs([Path(workdir) / s for s in runs], workdir)
     print(table, flush=True)
     return {"grid": runs, "merged_table": table}
+
+
+def run_source_stages(config, workdir) -> dict:
+    """An ablation over source stages: one run per entry of ``config.source_stages``, one merged table.
+
+    Each entry (``{name: {"methods": ..., "overrides": {section: {key: value}}}}``)
+    runs ``methods`` on the source model that its overrides produce (e.g.
+    ``{"adversarial": {"smoothness": False}}``) in ``workdir/<name>/``; the
+    merged table names each row ``<name>/<method>``. Entries run in the order of their names
+    (ConfigDict sorts its keys): number them to fix the order.
+    """
+    runs = {}
+    for name, stage in config.source_stages.items():
+        sub = config.copy_and_resolve_references()
+        with sub.unlocked():
+            sub.source_stages = {}
+            sub.methods = stage.methods
+            for section, values in dict(stage.get("overrides", {})).items():
+                for key, value in dict(values).items():
+                    if section not in sub or key not in sub[section]:
+                        raise HParamError(f"source_stages.{name}: unknown override {section}.{key}")
+                    sub[section][key] = value
+        logging.info("source stage %s: methods %s", name, sub.methods)
+        runs[name] = run(sub, str(Path(workdir) / name))
+    table = report.merge_workdirs([Path(workdir) / name for name in runs], workdir, label_by_workdir=True)
+    print(table, flush=True)
+    return {"stages": runs, "merged_table": table}
 
 
 def write_results(workdir: Path, results: dict, table: str) -> None:

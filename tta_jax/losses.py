@@ -65,10 +65,13 @@ def bernoulli_kl(logits_p: jax.Array, logits_q: jax.Array) -> jax.Array:
     return jnp.sum(p * (log_p - log_q) + (1 - p) * (log_1mp - log_1mq), axis=-1)
 
 
-def lsgan_discriminator_loss(real_scores, fake_scores, anchor_scores):
-    """½E[(Δ(y) − 1)²] + ½E[(Δ(ỹ) + 1)²] + ½E[(Δ(y_corr) + 1)²] (Eq. 2 with the fake anchors)."""
-    return 0.5 * (jnp.mean((real_scores - 1) ** 2) + jnp.mean((fake_scores + 1) ** 2)
-                  + jnp.mean((anchor_scores + 1) ** 2))
+def lsgan_discriminator_loss(real_scores, fake_scores, anchor_scores=None):
+    """½E[(Δ(y) − 1)²] + ½E[(Δ(ỹ) + 1)²] + ½E[(Δ(y_corr) + 1)²] (Eq. 2 with the fake anchors; without
+    them when ``anchor_scores`` is None)."""
+    loss = jnp.mean((real_scores - 1) ** 2) + jnp.mean((fake_scores + 1) ** 2)
+    if anchor_scores is not None:
+        loss = loss + jnp.mean((anchor_scores + 1) ** 2)
+    return 0.5 * loss
 
 
 def lsgan_generator_loss(scores, target: float = 0.0):

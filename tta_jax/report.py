@@ -343,14 +343,27 @@ def source_table(results) -> str:
         rows.append(f"| {name} | " + " | ".join(f"{s[c]:.2f}" for c in results["channels"]) + f" | {s['mean']:.2f} |")
     return "\n".join(rows)
 
-def merge_workdirs(workdirs, out) -> str:
-    """Merge the ``results.json`` of several runs into ``out/merged.{md,csv,json}``; returns the table."""
+def labelled_methods(results: dict, label: str) -> dict:
+    """``results`` with every method (and its help/harm entry) renamed ``label/method``."""
+    out = {**results, "methods": {f"{label}/{m}": agg for m, agg in results["methods"].items()}}
+    if (results.get("harm") or {}).get("methods"):
+        out["harm"] = {**results["harm"], "methods": {f"{label}/{m}": h for m, h in results["harm"]["methods"].items()}}
+    return out
+
+
+def merge_workdirs(workdirs, out, label_by_workdir: bool = False) -> str:
+    """Merge the ``results.json`` of several runs into ``out/merged.{md,csv,json}``; returns the table.
+
+    ``label_by_workdir``: name each method ``<workdir name>/<method>`` (runs of
+    the same methods on different source stages, e.g. an ablation).
+    """
     results = []
     for w in workdirs:
         path = Path(w) / "results.json"
         if not path.exists():
             raise FileNotFoundError(f"no results.json in {w}")
-        results.append(json.loads(path.read_text()))
+        res = json.loads(path.read_text())
+        results.append(labelled_methods(res, Path(w).name) if label_by_workdir else res)
     rows = merged_rows(results)
     table = merged_markdown(rows)
     if any("assd" in r for r in rows):

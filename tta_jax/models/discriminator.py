@@ -10,6 +10,12 @@ explicitly like BN statistics and advanced only when ``update_stats=True``
 
 Strides: the paper downsamples "after the first two layers"; we read it as
 stride 2 in layers 1 and 2 and stride 1 after (``strides``, configurable).
+
+``smooth=False`` removes the smoothness constraints (§3.1, ablation Table 1's
+"GAN" row): plain convolutions, no spectral normalisation, LeakyReLU(0.2)
+(the usual GAN discriminator activation; the paper does not name the one it
+replaces tanh with). A 0-d placeholder keeps the ``batch_stats`` collection,
+so both forms are trained, saved and applied by the same code.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ class MaskDiscriminator(nn.Module):
     width: float = 1.0
     strides: Sequence[int] = (2, 2, 1, 1, 1)
     power_iterations: int = 1
+    smooth: bool = True
 
     @nn.compact
     def __call__(self, masks, update_stats: bool = False):
@@ -42,9 +49,15 @@ class MaskDiscriminator(nn.Module):
         for i, (base, stride) in enumerate(zip(DISCRIMINATOR_FILTERS, self.strides)):
             conv = nn.Conv(max(1, int(round(base * self.width))), (4, 4), strides=int(stride), padding="SAME",
                            name=f"conv{i}")
-            x = jnp.tanh(nn.SpectralNorm(conv, n_steps=self.power_iterations, name=f"sn{i}")(
-                x, update_stats=update_stats))
+            if self.smooth:
+                x = jnp.tanh(nn.SpectralNorm(conv, n_steps=self.power_iterations, name=f"sn{i}")(
+                    x, update_stats=update_stats))
+            else:
+                x = nn.leaky_relu(conv(x), 0.2)
         x = x.reshape(x.shape[0], -1)
+        if not self.smooth:
+            self.variable("batch_stats", "placeholder", jnp.zeros, ())
+            return nn.Dense(1, name="out")(x)[:, 0]
         return nn.SpectralNorm(nn.Dense(1, name="out"), n_steps=self.power_iterations, name="sn_out")(
             x, update_stats=update_stats)[:, 0]
 

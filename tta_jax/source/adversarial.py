@@ -53,6 +53,8 @@ class AdversarialHParams:
       disc_width, disc_strides: Δ's channel multiplier and per-layer strides
         (comma-separated; the paper's 2,2,1,1,1).
       disc_lr: Δ's Adam learning rate.
+      smoothness: Δ with spectral normalisation and tanh (§3.1, #1 of the ablation).
+      fake_anchors: Δ also learns corrupted real masks as fake (§3.1, #2 of the ablation).
       adv_weight, generator_target: the generator term's weight and label c.
       labelled_fraction: < 1 for the semi-supervised stage.
       anchor_patch, anchor_swaps, anchor_noise: the fake anchors.
@@ -62,6 +64,8 @@ class AdversarialHParams:
     disc_width: float = bounded(0.25, low=0.0, low_open=True)
     disc_strides: str = "2,2,1,1,1"
     disc_lr: float = bounded(1e-4, low=0.0)
+    smoothness: bool = True
+    fake_anchors: bool = True
     adv_weight: float = bounded(0.1, low=0.0)
     generator_target: float = 0.0
     labelled_fraction: float = bounded(1.0, low=0.0, high=1.0, low_open=True)
@@ -73,7 +77,7 @@ class AdversarialHParams:
     instance_noise: float = bounded(0.1, low=0.0)
 
     def discriminator(self) -> MaskDiscriminator:
-        return MaskDiscriminator(self.disc_width, parse_strides(self.disc_strides))
+        return MaskDiscriminator(self.disc_width, parse_strides(self.disc_strides), smooth=self.smoothness)
 
 
 def weighted_cross_entropy(logits, masks):
@@ -201,7 +205,8 @@ def train_adversarial_source(model, discriminator, variables, disc_variables, im
         def disc_loss(dparams):
             scores, stats = disc_scores(dparams, state.disc["batch_stats"], d_in, True)
             s_real, s_fake, s_anchor = jnp.split(scores, 3)
-            return lsgan_discriminator_loss(s_real, s_fake, s_anchor), (stats, s_real, s_fake, s_anchor)
+            loss = lsgan_discriminator_loss(s_real, s_fake, s_anchor if hp["fake_anchors"] else None)
+            return loss, (stats, s_real, s_fake, s_anchor)
 
         (d_loss, (dstats, s_real, s_fake, s_anchor)), dgrads = jax.value_and_grad(disc_loss, has_aux=True)(
             state.disc["params"])
