@@ -7,8 +7,9 @@ Run (synthetic default: source A, targets B→C→D→E→F in one never-reset s
 Variants, combine with commas (``--config=configs/spegc.py:long_term,polyp``):
 
 * ``table1`` — SPEGC Tables 1–2's rows that exist here, in the paper's order:
-  No Adapt, SAR, DomainAdaptor, VPTTA, GraTa, SPEGC (NC-TTT and TTDG are not
-  built yet); each method keeps its own declared learning rate;
+  No Adapt, SAR, DomainAdaptor, NC-TTT, VPTTA, GraTa, SPEGC (TTDG is not built
+  yet); each method keeps its own declared learning rate; the table's one
+  source model carries NC-TTT's noise-contrastive head, trained with it;
 * ``long_term`` — 5 rounds over the targets without reset, per-round means and
   Degradation (SPEGC Table 3);
 * ``mixed`` — all target images shuffled into one stream (seed ``mixed_seed``,
@@ -27,7 +28,7 @@ Hyperparameters of §4.5 are overrides: ``--config.spegc.clusters=64``
 from configs import common
 
 TABLE_VARIANTS = {
-    "table1": {name: None for name in ("sar", "domain_adaptor", "vptta", "grata", "spegc")},
+    "table1": {name: None for name in ("sar", "domain_adaptor", "nc_ttt", "vptta", "grata", "spegc")},
     "table4": {
         "spegc_clustering": {"method": "spegc", "sampling": "uniform", "prompt_pools": "none"},
         "spegc_mc_dropout": {"method": "spegc", "prompt_pools": "none"},

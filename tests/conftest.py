@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import pytest
 
 from tta_jax.models import ResUNet, init_variables
+from tta_jax.models.resunet import NoiseContrastiveHead
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,6 +89,8 @@ class MicroSegmentor(nn.Module):
                 y = nn.relu(nn.Conv(8, (3, 3), name="conv")(up2))
                 aux["blind_spot"] = nn.Conv(3, (1, 1), name="blindspot_head")(
                     nn.BatchNorm(use_running_average=not train, name="blindspot1")(y))
+            if "noise_contrastive" in self.aux_heads:   # NC-TTT's head, on layer1's output as in the ResUNet
+                aux["noise_contrastive"] = NoiseContrastiveHead(name="nc_head")(encoded, train)
             outputs += (aux,)
         if return_features:
             outputs += (features,)

@@ -10,7 +10,7 @@ from tta_jax.augment import crop_flip_rotate_views
 from tta_jax.methods import make_method
 
 EPS = 1e-5
-BASELINES = ("dua", "diga", "medbn", "domain_adaptor", "sar", "dltta", "detta", "vptta")
+BASELINES = ("dua", "diga", "medbn", "domain_adaptor", "sar", "dltta", "detta", "vptta", "nc_ttt")
 
 
 class InputBN(nn.Module):
@@ -175,9 +175,10 @@ def test_domain_adaptor_mixture_and_one_gem_t_step(input_bn, lr):
 
 @pytest.fixture(scope="module")
 def micro_with_decoder():
-    """The micro segmentor with DeTTA's decoder: BN layers the segmentation forward never reaches."""
+    """The micro segmentor with DeTTA's decoder and NC-TTT's head: BN layers the segmentation forward
+    never reaches."""
     from conftest import MicroSegmentor
-    model = MicroSegmentor(aux_heads=("blind_spot",))
+    model = MicroSegmentor(aux_heads=("blind_spot", "noise_contrastive"))
     return model, jax.device_get(jax.jit(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)), return_aux=True))(
         jax.random.PRNGKey(0)))
 

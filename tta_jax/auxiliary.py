@@ -13,7 +13,13 @@ prediction, mean-square error for the others"):
   (h-flip, v-flip, 90°, 180°, 270°, identity; the official label order) was applied;
 * ``blind_spot`` — DeTTA's (Wen et al., WACV 2024) Noise2Void-style task: about
   10 % of the pixels replaced by a random neighbour in their 5×5 window
-  (:func:`blind_spot_input`), L1 between sigmoid(branch(x̃)) and x on those pixels.
+  (:func:`blind_spot_input`), L1 between sigmoid(branch(x̃)) and x on those pixels;
+* ``noise_contrastive`` — NC-TTT's (Osowiechi et al., CVPR 2024) discrimination of noisy views of
+  projected features: the noise is drawn in feature space by the branch
+  (:class:`tta_jax.models.resunet.NoiseContrastiveHead`, RNG stream ``"noise_contrastive"``), and
+  :func:`noise_contrastive_loss` is the binary cross-entropy against each view's posterior
+  probability of the larger noise. Its test-time objective is
+  :func:`noise_contrastive_test_loss` (used by ``tta_jax.methods.nc_ttt``).
 """
 from __future__ import annotations
 
@@ -22,7 +28,8 @@ import jax.numpy as jnp
 import optax
 
 from tta_jax.augment import WEAK_VIEWS
-from tta_jax.models.resunet import AUX_HEADS, resize_bilinear_align_corners
+from tta_jax.models.resunet import (AUX_HEADS, NC_NOISE_RNG, NC_SIGMA_IN, NC_SIGMA_OUT,
+                                    resize_bilinear_align_corners)
 
 # Official label order: 0 h-flip, 1 v-flip, 2 rot90, 3 rot180, 4 rot270, 5 identity.
 ROTATION_VIEWS = tuple(view for _, view, _ in WEAK_VIEWS[1:]) + (WEAK_VIEWS[0][1],)
@@ -64,6 +71,35 @@ def blind_spot_loss(branch_output, images, mask):
     return jnp.mean(jnp.abs((jax.nn.sigmoid(branch_output) - images) * mask))
 
 
+# Posteriors under this are set to 0, as the official code does.
+NC_TARGET_FLOOR = 1e-6
+
+
+def noise_contrastive_targets(noise, sigma_in: float = NC_SIGMA_IN, sigma_out: float = NC_SIGMA_OUT):
+    """P(out | n) per pixel of ``noise`` [..., E], equal priors on the two isotropic Gaussians:
+    sigmoid(½(σ_in⁻² − σ_out⁻²)‖n‖² − E·log(σ_out/σ_in)); values under :data:`NC_TARGET_FLOOR` are 0."""
+    dims = noise.shape[-1]
+    log_ratio = (0.5 * (sigma_in ** -2 - sigma_out ** -2) * jnp.sum(noise * noise, axis=-1)
+                 - dims * jnp.log(sigma_out / sigma_in))
+    target = jax.nn.sigmoid(log_ratio)
+    return jnp.where(target < NC_TARGET_FLOOR, 0.0, target)
+
+
+def noise_contrastive_loss(logits, noise, sigma_in: float = NC_SIGMA_IN, sigma_out: float = NC_SIGMA_OUT):
+    """NC-TTT's source objective: mean over views, images and pixels of BCE(sigmoid(logits), P(out | n)).
+
+    ``logits`` [V, B, h, w] and ``noise`` [V, B, h, w, E] are the ``noise_contrastive`` branch's output.
+    """
+    targets = noise_contrastive_targets(noise, sigma_in, sigma_out)
+    return jnp.mean(jax.nn.softplus(logits) - targets * logits)
+
+
+def noise_contrastive_test_loss(logits):
+    """NC-TTT's test-time objective: mean of −log(1 − sigmoid(logits)) = softplus(logits) over the
+    clean projection's pixels: the cross-entropy that labels them in-distribution."""
+    return jnp.mean(jax.nn.softplus(logits))
+
+
 def auxiliary_input(name: str, key, images, sr_factor: int = 4, denoise_std: float = 1.0):
     """The transformed input of an auxiliary objective (and the rotation labels, else None)."""
     if name == "reconstruction":
@@ -80,6 +116,8 @@ def auxiliary_input(name: str, key, images, sr_factor: int = 4, denoise_std: flo
         return rotate_batch(key, images)
     if name == "blind_spot":
         return blind_spot_input(key, images)
+    if name == "noise_contrastive":   # the noise is added to the projected features, in the branch
+        return images, None
     raise ValueError(f"unknown auxiliary objective {name!r}; choose from {list(AUX_HEADS)}")
 
 
@@ -89,13 +127,20 @@ def auxiliary_loss(name: str, branch_output, images, labels=None):
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(branch_output, labels))
     if name == "blind_spot":
         return blind_spot_loss(branch_output, images, labels)
+    if name == "noise_contrastive":
+        return noise_contrastive_loss(branch_output["logits"], branch_output["noise"])
     return jnp.mean((jax.nn.sigmoid(branch_output) - images) ** 2)
 
 
 def auxiliary_objective(name: str, forward, key, images, sr_factor: int = 4, denoise_std: float = 1.0):
-    """Loss of objective ``name``; ``forward(x) -> (logits, {branch: output})``."""
+    """Loss of objective ``name``; ``forward(x, **apply_options) -> (logits, {branch: output})``.
+
+    ``noise_contrastive`` calls ``forward(x, rngs={"noise_contrastive": key})``: its branch draws
+    the noise (the other objectives call ``forward(x)``).
+    """
     inputs, labels = auxiliary_input(name, key, images, sr_factor, denoise_std)
-    _, branches = forward(inputs)
+    options = {"rngs": {NC_NOISE_RNG: key}} if name == "noise_contrastive" else {}
+    _, branches = forward(inputs, **options)
     if name not in branches:
         raise ValueError(f"objective {name!r} needs the model's {name!r} branch: set model.aux_heads "
                          f"(and train the source model with it)")

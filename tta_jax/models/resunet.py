@@ -141,11 +141,59 @@ class UpsampleBlock(nn.Module):
         return BatchNorm(use_running_average=not train, name="bn")(nn.relu(x))
 
 
-AUX_HEADS = ("reconstruction", "rotation", "super_resolution", "denoising", "blind_spot")
+AUX_HEADS = ("reconstruction", "rotation", "super_resolution", "denoising", "blind_spot", "noise_contrastive")
 # PyTorch names of the official branches: recon*, rotate_head, supres*, denoise*; blindspot* is
 # DeTTA's denoising decoder (not part of the GraTa network).
 _AUX_PREFIX = {"reconstruction": "recon", "denoising": "denoise", "super_resolution": "supres",
                "blind_spot": "blindspot"}
+
+
+# NC-TTT's head (Osowiechi et al., CVPR 2024; the method is tta_jax/methods/nc_ttt.py), official
+# defaults of github.com/GustavoVargasHakim/NCTTT: the noise levels of the in- and out-of-distribution
+# views (its --std2 and --std), one view of each level per feature map, a projection 6× as wide as its
+# input (--embed-size 1536 on ResNet-50's 256-channel layer1) and a 4-unit discriminator (--hidden).
+NC_SIGMA_IN = 0.015
+NC_SIGMA_OUT = 0.1
+NC_VIEWS = 1
+NC_EMBED_RATIO = 6
+NC_HIDDEN = 4
+NC_NOISE_RNG = "noise_contrastive"   # the RNG stream the head draws its source-time noise from
+
+
+class NoiseContrastiveHead(nn.Module):
+    """NC-TTT's auxiliary head: a linear (1×1) projection ``z`` of a feature map and a per-pixel
+    discriminator (1×1 → BN → LeakyReLU 0.2 → 1×1) of noisy views ``z + n``.
+
+    Returns ``{"logits": [V, B, h, w], "noise": [V, B, h, w, E]}``: per view ``v`` and pixel, the
+    logit that ``z + noise[v]`` carries the out-of-distribution (larger) noise. Given the
+    :data:`NC_NOISE_RNG` RNG stream (the source objective), ``V = 2·NC_VIEWS``: ``NC_VIEWS`` views
+    with ``n ~ N(0, NC_SIGMA_IN² I_E)`` per pixel, then ``NC_VIEWS`` with ``N(0, NC_SIGMA_OUT² I_E)``;
+    without it (test time) ``V = 1``, the clean projection (noise 0). In train mode the
+    discriminator's BN normalises over all views, images and pixels together (the official
+    ``BatchNorm2d`` sees both views concatenated along the batch). Kernels are Xavier-normal, as
+    the official ``init_weight``.
+    """
+
+    embed_ratio: int = NC_EMBED_RATIO
+    hidden: int = NC_HIDDEN
+
+    @nn.compact
+    def __call__(self, features, train: bool):
+        xavier = nn.initializers.xavier_normal()
+        z = nn.Dense(self.embed_ratio * features.shape[-1], kernel_init=xavier, name="projector")(features)
+        if self.has_rng(NC_NOISE_RNG):
+            # One draw per image and pixel, the paper's noise model. The official code broadcasts a
+            # [B, 1] one-hot against the draws and sums, so every image of a batch gets the sum of the
+            # batch's draws (standard deviation σ√B) while its targets assume σ.
+            sigmas = jnp.repeat(jnp.array([NC_SIGMA_IN, NC_SIGMA_OUT], z.dtype), NC_VIEWS)
+            unit = jax.random.normal(self.make_rng(NC_NOISE_RNG), (2 * NC_VIEWS,) + z.shape, z.dtype)
+            noise = sigmas.reshape((-1,) + (1,) * z.ndim) * unit
+        else:
+            noise = jnp.zeros((1,) + z.shape, z.dtype)
+        h = nn.Dense(self.hidden, kernel_init=xavier, name="discriminator_hidden")(z + noise)
+        h = nn.leaky_relu(BatchNorm(use_running_average=not train, name="discriminator_bn")(h), 0.2)
+        logits = nn.Dense(1, kernel_init=xavier, name="discriminator_out")(h)[..., 0]
+        return {"logits": logits, "noise": noise}
 
 
 class ResUNet(nn.Module):
@@ -161,8 +209,10 @@ class ResUNet(nn.Module):
         to 3 channels), ``super_resolution`` (the same chain, then conv 5×5 →
         tanh → conv 3×3 → tanh → conv 3×3 to 3·f² and pixel shuffle by
         ``sr_factor``), ``rotation`` (global pooling → MLP 256–64–6 with
-        LeakyReLU 0.2), and DeTTA's ``blind_spot`` denoiser (the ``denoising``
-        chain).  Returned in a dict when ``return_aux=True``.
+        LeakyReLU 0.2), DeTTA's ``blind_spot`` denoiser (the ``denoising``
+        chain), and NC-TTT's ``noise_contrastive`` head (:class:`NoiseContrastiveHead`)
+        on ``layer1``'s output, the layer the official NC-TTT code reads by default.
+        Returned in a dict when ``return_aux=True``.
       sr_factor: super-resolution factor (the input of that branch is the
         image downsampled by it).
     """
@@ -214,7 +264,13 @@ class ResUNet(nn.Module):
         logits = Conv(self.num_classes, 1, name="seg_head")(head_in)
         outputs = (logits,)
         if return_aux:
-            outputs += ({name: self._aux_branch(name, bottleneck, train) for name in self.aux_heads},)
+            aux = {}
+            for name in self.aux_heads:
+                if name == "noise_contrastive":
+                    aux[name] = NoiseContrastiveHead(name="nc_head")(skips[1], train)
+                else:
+                    aux[name] = self._aux_branch(name, bottleneck, train)
+            outputs += (aux,)
         if return_features:
             outputs += (head_in,)
         return outputs[0] if len(outputs) == 1 else outputs

@@ -90,8 +90,8 @@ def train_source(model, variables, images: np.ndarray, masks: np.ndarray, rng: j
             logits, new_vars = model.apply(variables, x, train=True, mutable=["batch_stats"])
             loss = dice_bce_loss(logits, y)
             for i, name in enumerate(model.aux_heads):
-                forward = lambda inp: model.apply(variables, inp, train=True, return_aux=True,
-                                                  mutable=["batch_stats"])[0]
+                forward = lambda inp, **options: model.apply(variables, inp, train=True, return_aux=True,
+                                                             mutable=["batch_stats"], **options)[0]
                 loss = loss + auxiliary_objective(name, forward, jax.random.fold_in(k_aug, 1000 + i), x,
                                                   model.sr_factor, denoise_std)
             return loss, new_vars["batch_stats"]
