@@ -63,6 +63,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.vmap_seeds = False
     c.stream_map = "vmap"             # how one step maps over the seeds: vmap | map (lax.map; see runner)
     c.shard_seeds = True              # ... with the seed axis spread over all devices (if it divides evenly)
+    # Several processes (hosts) sharing one sweep (tta_jax/distributed.py): enabled=True calls
+    # jax.distributed.initialize; empty/0/-1 values are detected (TPU pods, SLURM).
+    c.distributed = ml_collections.ConfigDict(dict(enabled=False, coordinator="", num_processes=0, process_id=-1))
     c.source_checkpoint = ""          # empty: train or reuse the cached source model
     c.cache_dir = "~/.cache/tta_jax"  # cached source models and XLA compilation cache
     c.compilation_cache = True

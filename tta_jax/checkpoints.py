@@ -52,12 +52,24 @@ def _quiet_orbax():
         logging.set_verbosity(level)
 
 
+def _checkpointer() -> ocp.StandardCheckpointer:
+    """An orbax checkpointer that reads and writes from this process alone.
+
+    orbax synchronises every process of a multi-process job around a save; in
+    a sweep over processes (:mod:`tta_jax.distributed`) each process saves
+    and restores its own source models, so no other process takes part.
+    """
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}))
+
+
 def save_variables(directory, variables, meta: dict | None = None) -> None:
     directory = Path(directory).absolute()
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / "variables"
     with _quiet_orbax():
-        ckpt = ocp.StandardCheckpointer()
+        ckpt = _checkpointer()
         ckpt.save(target, jax.device_get(variables), force=True)
         ckpt.wait_until_finished()
     atomic_write_text(directory / "meta.json", json.dumps(meta or {}, indent=2, sort_keys=True))
@@ -96,7 +108,7 @@ def restore_variables(directory, template):
         # Restore without a target first so that a structure mismatch is
         # reported by our check rather than as an orbax internal error.
         with _quiet_orbax():
-            restored = ocp.StandardCheckpointer().restore(target)
+            restored = _checkpointer().restore(target)
     except Exception as e:  # orbax raises many types for damaged files
         raise CheckpointError(f"checkpoint {directory} is corrupt or unreadable: {type(e).__name__}: {e}") from e
     check_matches(restored, template, str(directory))

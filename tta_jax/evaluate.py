@@ -180,9 +180,9 @@ def run_method_seeds(config, row_name, hparams, method, variables, targets, seed
     trace_count = 0
     if todo:
         batched = config.vmap_seeds and len(todo) > 1
-        shard = config.shard_seeds and batched and jax.device_count() > 1
-        if shard and len(todo) % jax.device_count():
-            logging.warning("%d seeds do not split over %d devices: not sharded", len(todo), jax.device_count())
+        shard = config.shard_seeds and batched and jax.local_device_count() > 1
+        if shard and len(todo) % jax.local_device_count():
+            logging.warning("%d seeds do not split over %d devices: not sharded", len(todo), jax.local_device_count())
             shard = False
         runner = StreamRunner(method, config.loop, config.scan_chunk, scan_unroll=config.scan_unroll,
                               analysis=config.analysis,

@@ -23,7 +23,7 @@ from pathlib import Path
 import jax
 from absl import logging
 
-from tta_jax import checkpoints, report
+from tta_jax import checkpoints, distributed, report
 from tta_jax.data import DATASETS, get_dataset
 from tta_jax.evaluate import run_method_seeds, subsample_stream, with_channels
 from tta_jax.data.folders import FolderOptions
@@ -185,11 +185,29 @@ def run(config, workdir: str) -> dict:
     validate_config(config)
     if config.mode == "benchmark":
         raise HParamError("mode=benchmark runs through tta_jax.benchmark.run_benchmark (experiments.main)")
+    if config.distributed.enabled:
+        distributed.initialize(config.distributed.coordinator, config.distributed.num_processes,
+                               config.distributed.process_id)
     setup_compilation_cache(config)
     if config.source_stages:
         return run_source_stages(config, workdir)
+    if jax.process_count() > 1 and config.mode == "adapt":
+        return run_distributed(config, workdir)
     if config.source_domain == "all":
         return run_grid(config, workdir)
+    return run_single(config, workdir)
+
+
+def source_model(config, dataset, source: str):
+    """(model, variables, source info) for ``source``: restored, reused from the cache or trained."""
+    needs = run_needs(config, method_rows(config))
+    model = build_model(config, len(dataset.channel_names), needs)
+    variables, source_info = get_source_model(config, model, dataset, source, needs)
+    return model, variables, source_info
+
+
+def run_single(config, workdir) -> dict:
+    """One source, its targets, every compared row and seed: the table in ``workdir``."""
     workdir = Path(workdir)
     check_writable(workdir)
     t0 = time.perf_counter()
@@ -198,8 +216,7 @@ def run(config, workdir: str) -> dict:
     channel_names = dataset.channel_names
     rows = method_rows(config)
     needs = run_needs(config, rows)
-    model = build_model(config, len(channel_names), needs)
-    variables, source_info = get_source_model(config, model, dataset, source, needs)
+    model, variables, source_info = source_model(config, dataset, source)
     segmentor = segmentor_variables(variables)
 
     # The source model without adaptation on its own domain (held-out split).
@@ -277,18 +294,63 @@ def run(config, workdir: str) -> dict:
 
 def run_grid(config, workdir) -> dict:
     """Leave-one-domain grid: one run per source domain, then one merged table."""
-    dataset = make_dataset(config)
     runs = {}
+    for sub, sub_workdir in sweep_plans(config, workdir):
+        logging.info("grid: source %s → %s", sub.source_domain, sub.target_domains)
+        runs[sub.source_domain] = run_single(sub, sub_workdir)
+    table = report.merge_workdirs([Path(workdir) / s for s in runs], workdir)
+    print(table, flush=True)
+    return {"grid": runs, "merged_table": table}
+
+
+def sweep_plans(config, workdir) -> list[tuple]:
+    """(config, workdir) of each source of the sweep: every domain for ``source_domain=all``, else one."""
+    if config.source_domain != "all":
+        return [(config, Path(workdir))]
+    dataset = make_dataset(config)
+    plans = []
     for source in dataset.domains:
         sub = config.copy_and_resolve_references()
         with sub.unlocked():
             sub.source_domain = source
             sub.target_domains = ",".join(d for d in dataset.domains if d != source)
-        logging.info("grid: source %s → %s", source, sub.target_domains)
-        runs[source] = run(sub, str(Path(workdir) / source))
-    table = report.merge_workdirs([Path(workdir) / s for s in runs], workdir)
-    print(table, flush=True)
-    return {"grid": runs, "merged_table": table}
+        plans.append((sub, Path(workdir) / source))
+    return plans
+
+
+def run_distributed(config, workdir) -> dict:
+    """The sweep's (source, row, seed) cells over all processes (:mod:`tta_jax.distributed`).
+
+    Three phases, each closed by a barrier: the source models (each source on
+    one process, so no two processes train the same into the shared cache);
+    this process's cells, each a one-row, one-seed run into its source's
+    workdir; then process 0 runs every source's full table, which reuses all
+    finished cells (and merges the grid).
+    """
+    plans = sweep_plans(config, workdir)
+    mesh = distributed.process_mesh()
+    for plan_config, _ in distributed.cells_of_this_process(plans, mesh):
+        dataset = make_dataset(plan_config)
+        source_model(plan_config, dataset, resolve_domains(plan_config, dataset)[0])
+    distributed.barrier("tta_jax: source models")
+    cells = [(i, row, seed) for i, (c, _) in enumerate(plans) for row in method_rows(c)
+             for seed in range(c.seed, c.seed + c.seeds)]
+    mine = distributed.cells_of_this_process(cells, mesh)
+    logging.info("process %d of %d: %d of %d cells", jax.process_index(), jax.process_count(), len(mine), len(cells))
+    for i, row, seed in mine:
+        cell = plans[i][0].copy_and_resolve_references()
+        with cell.unlocked():
+            cell.methods, cell.seed, cell.seeds = row, seed, 1
+            cell.plots, cell.compare_to, cell.worst_fraction = False, "", 0.0
+        run_single(cell, plans[i][1])
+    distributed.barrier("tta_jax: cells")
+    out = {"process": jax.process_index(), "cells": [(plans[i][0].source_domain, row, seed) for i, row, seed in mine]}
+    if jax.process_index() == 0:
+        out["runs"] = {c.source_domain: run_single(c, w) for c, w in plans}
+        if config.source_domain == "all":
+            out["merged_table"] = report.merge_workdirs([w for _, w in plans], workdir)
+    distributed.barrier("tta_jax: report")
+    return out
 
 
 def run_source_stages(config, workdir) -> dict:

@@ -124,7 +124,7 @@ class StreamRunner:
         self.method, self.loop, self.scan_chunk, self.scan_unroll = method, loop, int(scan_chunk), int(scan_unroll)
         self.keep_predictions, self.batched = keep_predictions, batched
         # shard: spread the batched streams over all devices (tta_jax.sharding)
-        self.shard = shard and batched and jax.device_count() > 1
+        self.shard = shard and batched and jax.local_device_count() > 1
         self.trace_count = 0
         run_analysis = analysis and method.analysis is not None
 
@@ -293,9 +293,9 @@ def run_protocol(method: Method, variables, targets: Sequence, protocol: str, rn
         init_key, stream_key = jnp.moveaxis(jax.vmap(jax.random.split)(rng), 1, 0)
         init = lambda: init_streams(method, variables, init_key)
         fold = lambda key, t: jax.vmap(jax.random.fold_in, in_axes=(0, None))(key, t)
-        if runner.shard and len(rng) % jax.device_count():
+        if runner.shard and len(rng) % jax.local_device_count():
             raise ValueError(f"sharded run: {len(rng)} streams do not split evenly over "
-                             f"{jax.device_count()} devices; use a multiple or shard_seeds=False")
+                             f"{jax.local_device_count()} devices; use a multiple or shard_seeds=False")
     else:
         init_key, stream_key = jax.random.split(rng)
         init = lambda: method.init(variables, init_key)

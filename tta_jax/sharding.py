@@ -22,8 +22,9 @@ STREAM_AXIS = "streams"
 
 
 def stream_mesh(devices=None) -> Mesh:
-    """A 1-D mesh named ``streams`` over ``devices`` (default: all devices)."""
-    return Mesh(np.asarray(devices if devices is not None else jax.devices()), (STREAM_AXIS,))
+    """A 1-D mesh named ``streams`` over ``devices`` (default: this process's devices; in a
+    multi-process sweep each process runs its own cells, :mod:`tta_jax.distributed`)."""
+    return Mesh(np.asarray(devices if devices is not None else jax.local_devices()), (STREAM_AXIS,))
 
 
 def _state_specs(stream_axes):
