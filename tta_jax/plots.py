@@ -11,16 +11,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+# Figures built without pyplot: drawing files never touches the process's backend, so a
+# notebook's inline plots keep working after the library writes its PNGs.
+from matplotlib.figure import Figure
 
 
 def domain_bars(results: dict, path) -> None:
     methods, targets = list(results["methods"]), results["target_domains"]
-    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(targets) * max(1, len(methods)) / 3, 3.5))
+    fig = Figure(figsize=(1.5 + 1.2 * len(targets) * max(1, len(methods)) / 3, 3.5))
+    ax = fig.subplots()
     width = 0.8 / len(methods)
     for k, m in enumerate(methods):
         per = results["methods"][m]["per_domain"]
@@ -33,7 +33,6 @@ def domain_bars(results: dict, path) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _seed_runs(workdir: Path, method: str):
@@ -71,7 +70,8 @@ def stream_curves(results: dict, workdir, path, window: int = 10) -> None:
             curves[f"{same} ≡ {m}"] = curves.pop(same)
         else:
             curves[m] = dice
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig = Figure(figsize=(7, 3.5))
+    ax = fig.subplots()
     for k, (label, dice) in enumerate(curves.items()):
         w = min(window, len(dice))
         x = np.arange(w - 1, len(dice))
@@ -86,7 +86,6 @@ def stream_curves(results: dict, workdir, path, window: int = 10) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def method_traces(workdir, method: str, path, keys=("eta", "cos")) -> bool:
@@ -98,7 +97,8 @@ def method_traces(workdir, method: str, path, keys=("eta", "cos")) -> bool:
             for k in keys if all(k in e["info"] for e in run["per_image"])}
     if not info:
         return False
-    fig, axes = plt.subplots(len(info), 1, figsize=(7, 2.2 * len(info)), sharex=True)
+    fig = Figure(figsize=(7, 2.2 * len(info)))
+    axes = fig.subplots(len(info), 1, sharex=True)
     for ax, (k, v) in zip(np.atleast_1d(axes), info.items()):
         ax.plot(v, lw=0.8)
         ax.set_ylabel(k)
@@ -106,7 +106,6 @@ def method_traces(workdir, method: str, path, keys=("eta", "cos")) -> bool:
     fig.suptitle(f"{method}: per-image traces (seed {run['seed']})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return True
 
 
@@ -132,7 +131,8 @@ def per_image_violins(results: dict, workdir, path) -> bool:
     if not metrics:
         return False
     labels = {"dice": "Dice ×100 ↑", "iou": "IoU ×100 ↑", "hd95": "HD95 (px) ↓"}
-    fig, axes = plt.subplots(len(metrics), 1, figsize=(1.5 + 0.9 * len(methods), 2.6 * len(metrics)), squeeze=False)
+    fig = Figure(figsize=(1.5 + 0.9 * len(methods), 2.6 * len(metrics)))
+    axes = fig.subplots(len(metrics), 1, squeeze=False)
     for ax, metric in zip(axes[:, 0], metrics):
         ax.violinplot([values[m][metric] for m in methods], showmedians=True)
         ax.set_xticks(np.arange(1, len(methods) + 1), methods, rotation=30, fontsize=7)
@@ -141,7 +141,6 @@ def per_image_violins(results: dict, workdir, path) -> bool:
                          f"(mean over seeds {results['seeds']})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return True
 
 
