@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 TINY = ["--config=configs/tent.py", "--config.methods=no_adapt,bn,tent", "--config.image_size=64",
@@ -18,6 +19,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.integration
 def test_two_processes_split_the_cells_and_report_the_single_process_table(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"}

@@ -24,10 +24,8 @@ from jupyter_client.manager import KernelManager  # noqa: E402
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 NAMES = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
-# Like the benchmark's own end-to-end test (tests/test_benchmark.py), the benchmark notebook runs
-# in the slow tier: it compiles every step twice (cold and warm cache) and its times mean nothing
-# on a loaded CI machine; the other three keep the fast tier within its time (README, Notebooks).
-SLOW = {"03_benchmark.ipynb"}
+# Each notebook is a whole program in its own kernel: they run in the integration tier, the second
+# test command of the README and of CI, which keeps the fast tier within its time.
 CELL_TIMEOUT_S = 300
 
 
@@ -60,7 +58,8 @@ def test_every_notebook_is_committed_without_outputs():
         assert f"colab.research.google.com/github/<owner>/tta-jax/blob/main/notebooks/{name}" in first_md
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in NAMES])
+@pytest.mark.integration
+@pytest.mark.parametrize("name", NAMES)
 def test_notebook_executes(name, venv_kernel, notebook_cache, monkeypatch, tmp_path):
     monkeypatch.setenv("TTA_NOTEBOOK_SMALL", "1")
     monkeypatch.setenv("TTA_NOTEBOOK_CACHE_DIR", str(notebook_cache))
