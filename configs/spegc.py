@@ -6,10 +6,12 @@ Run (synthetic default: source A, targets B→C→D→E→F in one never-reset s
 
 Variants, combine with commas (``--config=configs/spegc.py:long_term,polyp``):
 
-* ``table1`` — SPEGC Tables 1–2's rows that exist here, in the paper's order:
-  No Adapt, SAR, DomainAdaptor, NC-TTT, VPTTA, GraTa, SPEGC (TTDG is not built
-  yet); each method keeps its own declared learning rate; the table's one
-  source model carries NC-TTT's noise-contrastive head, trained with it;
+* ``table1`` — SPEGC Tables 1–2's rows, in the paper's order: No Adapt, SAR,
+  DomainAdaptor, NC-TTT, VPTTA, GraTa, TTDG, SPEGC; each method keeps its own
+  declared learning rate; the table's one source model carries NC-TTT's
+  noise-contrastive head, trained with it, and TTDG's universe, learned after
+  it on the frozen segmentor (``--config.universe.steps``, see
+  ``tta_jax/source/universe.py``);
 * ``long_term`` — 5 rounds over the targets without reset, per-round means and
   Degradation (SPEGC Table 3);
 * ``mixed`` — all target images shuffled into one stream (seed ``mixed_seed``,
@@ -26,9 +28,11 @@ Hyperparameters of §4.5 are overrides: ``--config.spegc.clusters=64``
 ``--config.spegc.lam=0.2`` (λ), ``--config.spegc.implicit_diff=True``.
 """
 from configs import common
+from tta_jax import hparams
+from tta_jax.source.universe import UniverseHParams
 
 TABLE_VARIANTS = {
-    "table1": {name: None for name in ("sar", "domain_adaptor", "nc_ttt", "vptta", "grata", "spegc")},
+    "table1": {name: None for name in ("sar", "domain_adaptor", "nc_ttt", "vptta", "grata", "ttdg", "spegc")},
     "table4": {
         "spegc_clustering": {"method": "spegc", "sampling": "uniform", "prompt_pools": "none"},
         "spegc_mc_dropout": {"method": "spegc", "prompt_pools": "none"},
@@ -41,6 +45,7 @@ TABLE_VARIANTS = {
 
 def get_config(arg=None):
     c = common.get_base_config()
+    c.universe = hparams.to_config(UniverseHParams)   # TTDG's source stage (table1)
     c.methods = "no_adapt,tent,grata,spegc"
     c.protocol = "continual"
     _, rest = common.apply_tables(c, arg, TABLE_VARIANTS)

@@ -5,8 +5,8 @@ restores ``source_checkpoint`` when given; otherwise it reuses the cached
 model trained with the same settings (:func:`source_settings` is the cache
 key), or trains one and caches it. What the methods of a run need from the
 source stage (:class:`tta_jax.methods.SourceNeeds`: auxiliary heads,
-companion networks such as adv_ttt's mask discriminator or dae_ttt's mask
-denoising autoencoder) is part of those
+companion networks such as adv_ttt's mask discriminator, dae_ttt's mask
+denoising autoencoder or ttdg's universe) is part of those
 settings: it decides what is built and trained.
 """
 from __future__ import annotations
@@ -29,10 +29,11 @@ from tta_jax.models.resunet import AUX_HEADS
 from tta_jax.source.adversarial import AdversarialHParams, train_adversarial_source
 from tta_jax.source.dae import DAEHParams, train_dae
 from tta_jax.source.training import train_source
+from tta_jax.source.universe import UniverseHParams, train_universe
 
 SOURCE_CACHE_VERSION = 1  # bump when source training changes meaning
 # companions the source stage knows how to train, and the config switch that asks for them
-COMPANIONS = ("discriminator", "dae")
+COMPANIONS = ("discriminator", "dae", "universe")
 
 
 def split_list(value: str) -> list[str]:
@@ -70,6 +71,19 @@ def dae_hparams(config) -> DAEHParams:
     return from_mapping(DAEHParams, config.dae, "dae")
 
 
+def universe_hparams(config) -> UniverseHParams:
+    """ttdg's universe stage: ``config.universe`` when the config declares it, else the defaults."""
+    return from_mapping(UniverseHParams, config.get("universe") or {}, "universe")
+
+
+def universe_network(config, model=None):
+    """The universe network, as wide as the segmentor's last feature map (its ``return_features`` output)."""
+    model = model if model is not None else build_model(config, 2)
+    (_, features), _ = jax.eval_shape(
+        lambda k: model.init_with_output(k, jnp.zeros((1, 32, 32, 3)), return_features=True), jax.random.PRNGKey(0))
+    return universe_hparams(config).network(features.shape[-1])
+
+
 def companions(config, needs: SourceNeeds) -> dict:
     """The companion networks (Flax modules) the methods need, by name."""
     out = {}
@@ -77,6 +91,8 @@ def companions(config, needs: SourceNeeds) -> dict:
         out["discriminator"] = adversarial_hparams(config).discriminator()
     if "dae" in needs.companions:
         out["dae"] = dae_hparams(config).network()
+    if "universe" in needs.companions:
+        out["universe"] = universe_network(config)
     return out
 
 
@@ -95,6 +111,8 @@ def source_settings(config, needs: SourceNeeds = SourceNeeds(), data_digest: str
         settings["adversarial"] = as_dict(adversarial_hparams(config))
     if "dae" in needs.companions:
         settings["dae"] = as_dict(dae_hparams(config))
+    if "universe" in needs.companions:
+        settings["universe"] = as_dict(universe_hparams(config))
     return settings
 
 
@@ -134,6 +152,8 @@ def get_source_model(config, model, dataset, source: str, needs: SourceNeeds = S
         dae = dae_hparams(config).network()
         template = {**template, "dae": jax.jit(lambda k: dae.init(
             k, jnp.zeros((1, config.image_size, config.image_size, model.num_classes))))(jax.random.PRNGKey(0))}
+    if "universe" in needs.companions:
+        template = {**template, "universe": jax.jit(universe_network(config, model).init)(jax.random.PRNGKey(0))}
     template = jax.device_get(template)
     if config.source_checkpoint:
         path = Path(os.path.expanduser(config.source_checkpoint))
@@ -193,6 +213,13 @@ def get_source_model(config, model, dataset, source: str, needs: SourceNeeds = S
         logging.info("training the mask DAE on the %d source masks (%d steps)", train.size, dae_hparams(config).steps)
         dae_variables, info["dae_loss_history"] = train_dae(train.masks, dae_hparams(config))
         variables = {**variables, "dae": dae_variables}
+    if "universe" in needs.companions:
+        # ttdg's universe of node embeddings, learned on the frozen segmentor's source features
+        logging.info("learning the universe on the %d source images (%d steps)", train.size,
+                     universe_hparams(config).steps)
+        universe, info["universe_history"] = train_universe(model, segmentor_variables(variables), train.images,
+                                                            train.masks, universe_hparams(config))
+        variables = {**variables, "universe": universe}
     checkpoints.save_variables(ckpt_dir, variables, {"settings": settings, "training": info,
                                                      "manifest": train_manifest})
     logging.info("source model saved to %s", ckpt_dir)
