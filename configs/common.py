@@ -15,6 +15,7 @@ from tta_jax.data.folders import FolderOptions
 from tta_jax.methods import available_methods, method_spec
 from tta_jax.source.adversarial import AdversarialHParams
 from tta_jax.source.dae import DAEHParams
+from tta_jax.source.universe import UniverseHParams
 from tta_jax.source.training import SourceTraining
 
 # The shared real data beside the repository (../shared/data/polyp), whatever the current directory.
@@ -86,6 +87,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     # Mask denoising autoencoder (Karani et al.), trained on the source masks when a method needs
     # it (dae_ttt); see tta_jax/source/dae.py.
     c.dae = hparams.to_config(DAEHParams)
+    # TTDG's universe, learned after the segmentor when a method needs it (ttdg); tta_jax/source/universe.py.
+    c.universe = hparams.to_config(UniverseHParams)
     # data family for method defaults that depend on it ("" = from the dataset; folders: set it)
     c.data_family = ""
 

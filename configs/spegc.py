@@ -12,6 +12,8 @@ Variants, combine with commas (``--config=configs/spegc.py:long_term,polyp``):
   noise-contrastive head, trained with it, and TTDG's universe, learned after
   it on the frozen segmentor (``--config.universe.steps``, see
   ``tta_jax/source/universe.py``);
+* ``table3`` — the ``table1`` rows in the ``long_term`` protocol (SPEGC Table 3);
+  ``table1`` and ``table3`` also test every row against SPEGC (``compare_to``);
 * ``long_term`` — 5 rounds over the targets without reset, per-round means and
   Degradation (SPEGC Table 3);
 * ``mixed`` — all target images shuffled into one stream (seed ``mixed_seed``,
@@ -28,8 +30,6 @@ Hyperparameters of §4.5 are overrides: ``--config.spegc.clusters=64``
 ``--config.spegc.lam=0.2`` (λ), ``--config.spegc.implicit_diff=True``.
 """
 from configs import common
-from tta_jax import hparams
-from tta_jax.source.universe import UniverseHParams
 
 TABLE_VARIANTS = {
     "table1": {name: None for name in ("sar", "domain_adaptor", "nc_ttt", "vptta", "grata", "ttdg", "spegc")},
@@ -45,10 +45,14 @@ TABLE_VARIANTS = {
 
 def get_config(arg=None):
     c = common.get_base_config()
-    c.universe = hparams.to_config(UniverseHParams)   # TTDG's source stage (table1)
     c.methods = "no_adapt,tent,grata,spegc"
     c.protocol = "continual"
-    _, rest = common.apply_tables(c, arg, TABLE_VARIANTS)
+    parts = [a for a in (arg or "").split(",") if a]
+    if "table3" in parts:            # Table 3 = Table 1's rows, long-term protocol
+        parts = ["table1" if a == "table3" else a for a in parts] + ["long_term"]
+    tables, rest = common.apply_tables(c, ",".join(parts), TABLE_VARIANTS)
+    if "table1" in tables:
+        c.compare_to = "spegc"
     parts = [a for a in rest.split(",") if a]
     for protocol in ("long_term", "mixed"):
         if protocol in parts:

@@ -36,6 +36,7 @@ from tta_jax.source import build_model, companions, get_source_model, merge_need
 from tta_jax.source.lifecycle import split_list
 from tta_jax.source.adversarial import AdversarialHParams
 from tta_jax.source.dae import DAEHParams
+from tta_jax.source.universe import UniverseHParams
 from tta_jax.source.training import SourceTraining, evaluate_source_stats
 
 MODES = ("adapt", "source", "benchmark")
@@ -112,6 +113,7 @@ def validate_config(config) -> None:
     from_mapping(SourceTraining, config.source, "source")
     from_mapping(AdversarialHParams, config.adversarial, "adversarial")
     from_mapping(DAEHParams, config.dae, "dae")
+    from_mapping(UniverseHParams, config.universe, "universe")
     if config.dataset == "folders":
         from_mapping(FolderOptions, config.folders, "folders").channel_names()
     if config.image_size < 32 or config.image_size % 32:

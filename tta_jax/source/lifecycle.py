@@ -72,8 +72,7 @@ def dae_hparams(config) -> DAEHParams:
 
 
 def universe_hparams(config) -> UniverseHParams:
-    """ttdg's universe stage: ``config.universe`` when the config declares it, else the defaults."""
-    return from_mapping(UniverseHParams, config.get("universe") or {}, "universe")
+    return from_mapping(UniverseHParams, config.universe, "universe")
 
 
 def universe_network(config, model=None):
