@@ -152,6 +152,7 @@ def _table(res):
     return {m: agg["average"]["mean"] for m, agg in res["methods"].items()}
 
 
+@pytest.mark.integration
 def test_changed_data_reruns_exactly_what_depends_on_it(tiny_experiment, tmp_path):
     from tta_jax.experiment import run
     root, cache = tiny_experiment

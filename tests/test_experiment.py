@@ -26,6 +26,7 @@ def tiny_config(tmp_path, methods="no_adapt,bn,tent"):
     return c
 
 
+@pytest.mark.integration
 def test_cli_config_errors(tmp_path):
     """Each bad command line: exit status 1 and one line on stderr (the processes run concurrently)."""
     from tta_jax.checkpoints import save_variables
@@ -122,6 +123,7 @@ def test_end_to_end_adaptation_improves_and_resumes(shared_cache):
     assert res2["methods"]["tent"]["trace_count"] == 0          # nothing recompiled: all reused
 
 
+@pytest.mark.integration
 def test_long_term_mixed_and_full_metrics(tiny_experiment, tmp_path):
     from conftest import folders_config
     c = folders_config(*tiny_experiment, methods="bn,tent")
@@ -201,6 +203,7 @@ def test_polyp_real_data_pipeline(tmp_path):
     assert res["target_domains"] == ["CVC-ClinicDB"] and len(res["stream_ids"]["CVC-ClinicDB"]) == 609
 
 
+@pytest.mark.integration
 def test_leave_one_domain_grid_and_merge(tiny_experiment, tmp_path):
     """source_domain=all on a 2-domain folders dataset: one run per source and a merged table."""
     from conftest import folders_config
@@ -223,18 +226,19 @@ def test_leave_one_domain_grid_and_merge(tiny_experiment, tmp_path):
     assert set(values) == {"dice", "iou", "hd95"}
 
 
+@pytest.mark.integration
 def test_source_stage_ablation_merges_one_row_per_stage_and_method(tmp_path):
     """Each stage trains its own source model (here: different step counts) and the merged table
     labels rows stage/method with that stage's own numbers."""
     c = tiny_config(tmp_path, methods="no_adapt")
-    c.seeds, c.target_domains = 1, "C"
-    c.source_stages = {"1_short": {"methods": "no_adapt", "overrides": {"source": {"steps": 10}}},
-                       "2_long": {"methods": "no_adapt,bn", "overrides": {"source": {"steps": 30}}}}
+    c.seeds, c.target_domains, c.image_size, c.synthetic.num_train, c.synthetic.num_test = 1, "C", 32, 16, 2
+    c.source_stages = {"1_short": {"methods": "no_adapt", "overrides": {"source": {"steps": 2}}},
+                       "2_long": {"methods": "no_adapt,bn", "overrides": {"source": {"steps": 4}}}}
     out = run(c, str(tmp_path / "ablation"))
     merged = (tmp_path / "ablation" / "merged.md").read_text()
     for stage, methods in (("1_short", ["no_adapt"]), ("2_long", ["no_adapt", "bn"])):
         res = json.loads((tmp_path / "ablation" / stage / "results.json").read_text())
-        assert res["config"]["source"]["steps"] == {"1_short": 10, "2_long": 30}[stage]
+        assert res["config"]["source"]["steps"] == {"1_short": 2, "2_long": 4}[stage]
         for m in methods:
             assert f"| A | average | {stage}/{m} | {res['methods'][m]['average']['mean']:.2f} ± " in merged
     assert out["stages"]["1_short"]["source"]["identity"] != out["stages"]["2_long"]["source"]["identity"]

@@ -7,6 +7,7 @@ import pytest
 from conftest import REPO
 
 
+@pytest.mark.integration
 def test_wheel_installs_and_imports_outside_the_clone(tmp_path):
     pytest.importorskip("setuptools", reason="building the wheel offline needs setuptools in the venv")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",

@@ -135,6 +135,7 @@ def test_hyperparameter_typo_from_the_command_line(name):
         assert key in line
 
 
+@pytest.mark.integration
 def test_hyperparameter_typo_exits_with_one_line(tmp_path):
     """The process itself: exit status 1, the same line on stderr, no traceback (two kinds of section)."""
     procs = {name: subprocess.Popen(
@@ -185,6 +186,7 @@ def test_adapt_stream_on_a_users_own_segmentor(user_model, name):
         np.testing.assert_array_equal(unscored.probabilities, out.probabilities)
 
 
+@pytest.mark.integration
 def test_toy_method_end_to_end_through_the_experiment(tiny_experiment, tmp_path):
     """A method defined in this file runs through tta_jax.experiment.run with no other file touched."""
     from conftest import folders_config

@@ -164,6 +164,7 @@ def test_real_polyp_builder(tmp_path):
     assert len(ds.ids("CVC_ClinicDB", "all")) == 609
 
 
+@pytest.mark.integration
 def test_dofe_sample_as_folders_equals_the_builder(tmp_path):
     """The shared DoFE sample laid out as plain folders (disc + cup masks in the DoFE encoding) reads
     to the same images and masks as the fundus_dofe builder, and a fixed model scores the same
