@@ -30,7 +30,7 @@ import optax
 
 from tta_jax.bn import forward_source_stats, forward_test_stats
 from tta_jax.hparams import bounded
-from tta_jax.methods.base import keep_if_finite
+from tta_jax.methods.base import Method, check_step_input, keep_if_finite
 from tta_jax.models import InputAdaptor
 
 
@@ -125,3 +125,25 @@ def make_adaptor_tuner(model, prior_loss: Callable[[Any, jax.Array], jax.Array],
         return omega, logits, info
 
     return tune
+
+
+def adaptor_method(name: str, model, prior_loss, hp: AdaptorTuningHParams, prior: str, provider: str) -> Method:
+    """The :class:`Method` that tunes Ω per image against ``prior_loss`` of the companion ``prior``.
+
+    ``provider`` says, in the error for variables without ``prior``, what trains it.
+    The state never changes (Ω restarts from Ω₀ on every image).
+    """
+    tune = make_adaptor_tuner(model, prior_loss, hp)
+
+    def init(variables, rng):
+        if prior not in variables:
+            raise ValueError(f"{name} needs {provider}: variables[{prior!r}] is missing")
+        return init_adaptor_state(hp, variables, variables[prior], rng)
+
+    def step(state, images, rng):
+        del rng
+        check_step_input(images)
+        _, logits, info = tune(state, images)
+        return state, logits, info
+
+    return Method(name, init, step, stream_axes=ADAPTOR_STREAM_AXES)

@@ -16,9 +16,8 @@ from __future__ import annotations
 import dataclasses
 
 from tta_jax.losses import lsgan_generator_loss
-from tta_jax.methods.adaptor_tuning import (ADAPTOR_STREAM_AXES, AdaptorTuningHParams, init_adaptor_state,
-                                            make_adaptor_tuner)
-from tta_jax.methods.base import Method, SourceNeeds, check_step_input, register
+from tta_jax.methods.adaptor_tuning import AdaptorTuningHParams, adaptor_method
+from tta_jax.methods.base import Method, SourceNeeds, register
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,18 +36,5 @@ def adversarial_prior(discriminator, target: float):
 
 @register("adv_ttt", AdvTTTHParams, needs=lambda hp: SourceNeeds(companions=("discriminator",)))
 def make(model, hp: AdvTTTHParams, discriminator) -> Method:
-    tune = make_adaptor_tuner(model, adversarial_prior(discriminator, hp.target), hp)
-
-    def init(variables, rng):
-        if "discriminator" not in variables:
-            raise ValueError("adv_ttt needs the mask discriminator trained with the segmentor: "
-                             "variables['discriminator'] is missing (an adversarial source stage provides it)")
-        return init_adaptor_state(hp, variables, variables["discriminator"], rng)
-
-    def step(state, images, rng):
-        del rng
-        check_step_input(images)
-        _, logits, info = tune(state, images)
-        return state, logits, info
-
-    return Method("adv_ttt", init, step, stream_axes=ADAPTOR_STREAM_AXES)
+    return adaptor_method("adv_ttt", model, adversarial_prior(discriminator, hp.target), hp, "discriminator",
+                          "the mask discriminator trained with the segmentor (an adversarial source stage)")

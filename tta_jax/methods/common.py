@@ -9,11 +9,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax.flatten_util import ravel_pytree
 
 from tta_jax.bn import forward_test_stats, merge_params, split_bn_params
 from tta_jax.losses import bce_with_logits
-from tta_jax.methods.base import Method, check_step_input
+from tta_jax.methods.base import Method, check_step_input, keep_if_finite
 
 COSINE_EPS = 1e-12
 
@@ -90,3 +91,21 @@ def memory_neighbours(keys, count, key, k: int, temperature: float):
     cos = jnp.where(valid, unit(keys) @ unit(key), -jnp.inf)
     top_cos, top_idx = jax.lax.top_k(cos, k)
     return jax.nn.softmax(top_cos / temperature), top_idx
+
+
+def repeated_updates(loss_fn, optimizer, state, field: str, steps: int):
+    """``steps`` guarded optimizer updates of ``getattr(state, field)`` on ``loss_fn(params, state)``.
+
+    Each update is kept only if it and its loss are finite (:func:`keep_if_finite`);
+    ``state`` carries the optimizer state as ``opt_state``. Returns the new
+    state, the last loss and the number of skipped updates (float).
+    """
+    def one_update(_, carry):
+        st, _, n_skipped = carry
+        loss, grads = jax.value_and_grad(loss_fn)(getattr(st, field), st)
+        updates, opt_state = optimizer.update(grads, st.opt_state, getattr(st, field))
+        new = st._replace(**{field: optax.apply_updates(getattr(st, field), updates)}, opt_state=opt_state)
+        new, ok = keep_if_finite(new, st, loss)
+        return new, loss, n_skipped + (1 - ok.astype(jnp.float32))
+
+    return jax.lax.fori_loop(0, steps, one_update, (state, jnp.zeros(()), jnp.zeros(())))

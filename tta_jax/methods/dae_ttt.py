@@ -27,9 +27,8 @@ import dataclasses
 import jax
 
 from tta_jax.losses import label_dice_loss
-from tta_jax.methods.adaptor_tuning import (ADAPTOR_STREAM_AXES, AdaptorTuningHParams, init_adaptor_state,
-                                            make_adaptor_tuner)
-from tta_jax.methods.base import Method, SourceNeeds, check_step_input, register
+from tta_jax.methods.adaptor_tuning import AdaptorTuningHParams, adaptor_method
+from tta_jax.methods.base import Method, SourceNeeds, register
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,18 +47,6 @@ def denoised_prior(dae):
 
 @register("dae_ttt", DAETTTHParams, needs=lambda hp: SourceNeeds(companions=("dae",)))
 def make(model, hp: DAETTTHParams, dae) -> Method:
-    tune = make_adaptor_tuner(model, denoised_prior(dae), hp)
-
-    def init(variables, rng):
-        if "dae" not in variables:
-            raise ValueError("dae_ttt needs the mask denoising autoencoder trained on the source masks: "
-                             "variables['dae'] is missing (the source stage trains it when a method needs it)")
-        return init_adaptor_state(hp, variables, variables["dae"], rng)
-
-    def step(state, images, rng):
-        del rng
-        check_step_input(images)
-        _, logits, info = tune(state, images)
-        return state, logits, info
-
-    return Method("dae_ttt", init, step, stream_axes=ADAPTOR_STREAM_AXES)
+    return adaptor_method("dae_ttt", model, denoised_prior(dae), hp, "dae",
+                          "the mask denoising autoencoder trained on the source masks (the source stage "
+                          "trains it when a method needs it)")

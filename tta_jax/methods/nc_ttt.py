@@ -56,15 +56,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal, NamedTuple
 
-import jax
-import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
 from tta_jax.auxiliary import noise_contrastive_test_loss
 from tta_jax.bn import forward_test_stats, merge_params, split_bn_params
 from tta_jax.hparams import bounded
-from tta_jax.methods.base import Method, SourceNeeds, check_step_input, keep_if_finite, register
+from tta_jax.methods.base import Method, SourceNeeds, check_step_input, register
+from tta_jax.methods.common import repeated_updates
 
 HEAD = "noise_contrastive"
 # The official extractor (``get_part`` for layer 1): ResNet stem and first stage, by the ResUNet's
@@ -150,16 +149,8 @@ def make(model, hp: NCTTTHParams) -> Method:
         if hp.episodic:
             state = state._replace(adapted=state.source, opt_state=optimizer.init(state.source))
 
-        def one_update(_, carry):
-            st, _, n_skipped = carry
-            loss, grads = jax.value_and_grad(nc_loss)(st.adapted, st, images)
-            updates, opt_state = optimizer.update(grads, st.opt_state, st.adapted)
-            new = st._replace(adapted=optax.apply_updates(st.adapted, updates), opt_state=opt_state)
-            new, ok = keep_if_finite(new, st, loss)
-            return new, loss, n_skipped + (1 - ok.astype(jnp.float32))
-
-        new_state, loss, skipped = jax.lax.fori_loop(0, hp.steps, one_update,
-                                                     (state, jnp.zeros(()), jnp.zeros(())))
+        new_state, loss, skipped = repeated_updates(
+            lambda adapted, st: nc_loss(adapted, st, images), optimizer, state, "adapted", hp.steps)
         # The official prediction (eval mode) uses running statistics its train-mode iterations moved
         # ≈ all the way to the batch's; the image's own statistics directly here (module docstring).
         logits = forward_test_stats(model, merge_params(new_state.adapted, new_state.frozen),

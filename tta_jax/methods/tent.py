@@ -11,14 +11,14 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from tta_jax.bn import forward_test_stats, merge_params
 from tta_jax.hparams import bounded
 from tta_jax.losses import binary_entropy
-from tta_jax.methods.base import Method, check_step_input, keep_if_finite, register
-from tta_jax.methods.common import BN_STREAM_AXES, gradient_cosine, init_bn_adapt_state, supervised_bn_gradient
+from tta_jax.methods.base import Method, check_step_input, register
+from tta_jax.methods.common import (BN_STREAM_AXES, gradient_cosine, init_bn_adapt_state, repeated_updates,
+                                    supervised_bn_gradient)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,16 +48,8 @@ def make(model, hp: TentHParams) -> Method:
         del rng
         check_step_input(images)
 
-        def one_update(_, carry):
-            st, _, n_skipped = carry
-            loss, grads = jax.value_and_grad(entropy_loss)(st.bn_params, st, images)
-            updates, opt_state = optimizer.update(grads, st.opt_state, st.bn_params)
-            new = st._replace(bn_params=optax.apply_updates(st.bn_params, updates), opt_state=opt_state)
-            new, ok = keep_if_finite(new, st, loss)
-            return new, loss, n_skipped + (1 - ok.astype(jnp.float32))
-
-        new_state, loss, skipped = jax.lax.fori_loop(
-            0, hp.steps, one_update, (state, jnp.zeros(()), jnp.zeros(())))
+        new_state, loss, skipped = repeated_updates(
+            lambda bn, st: entropy_loss(bn, st, images), optimizer, state, "bn_params", hp.steps)
         logits = forward_test_stats(model, merge_params(new_state.bn_params, new_state.frozen_params),
                                     new_state.batch_stats, images)
         return new_state, logits, {"loss": loss, "skipped": skipped}
