@@ -73,6 +73,7 @@ def test_select_column_concentrates_on_top_k_as_epsilon_shrinks():
     assert mass[0] < mass[1] < mass[2] and mass[2] > 0.9
 
 
+@pytest.mark.integration
 def test_selection_gradient_matches_finite_differences():
     with jax.enable_x64():
         d, valid = _edges(n_valid_nodes=8, n_nodes=8, seed=4)

@@ -116,7 +116,8 @@ def test_official_key_set_loads_and_gives_the_same_logits(pair, stream, tmp_path
 
 
 # float64 carries the acceptance bounds; the float32 measurement is in the slow tier
-@pytest.mark.parametrize("dtype", ["float64", pytest.param("float32", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("dtype", [pytest.param("float64", marks=pytest.mark.integration),
+                                   pytest.param("float32", marks=pytest.mark.slow)])
 def test_grata_step_equivalence(pair, stream, dtype):
     """First 3 images of a stream, strong view off: same cos/η, BN parameters and logits.
 

@@ -182,6 +182,7 @@ def test_pairwise_blocks_and_matching_loss_equal_numpy():
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
 
 
+@pytest.mark.integration
 def test_matching_loss_gradient_matches_finite_differences():
     """The unrolled OTT Sinkhorn inside the pairwise loss, w.r.t. the affinity network and the nodes."""
     g, n, c, d = 3, 4, 5, 6
