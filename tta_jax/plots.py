@@ -131,14 +131,14 @@ def per_image_violins(results: dict, workdir, path) -> bool:
     if not metrics:
         return False
     labels = {"dice": "Dice ×100 ↑", "iou": "IoU ×100 ↑", "hd95": "HD95 (px) ↓"}
-    fig = Figure(figsize=(1.5 + 0.9 * len(methods), 2.6 * len(metrics)))
+    fig = Figure(figsize=(max(4.5, 1.5 + 0.9 * len(methods)), 2.6 * len(metrics)))
     axes = fig.subplots(len(metrics), 1, squeeze=False)
     for ax, metric in zip(axes[:, 0], metrics):
         ax.violinplot([values[m][metric] for m in methods], showmedians=True)
         ax.set_xticks(np.arange(1, len(methods) + 1), methods, rotation=30, fontsize=7)
         ax.set_ylabel(labels[metric])
     axes[0, 0].set_title(f"{results['dataset']}: source {results['source_domain']}, per image "
-                         f"(mean over seeds {results['seeds']})")
+                         f"(mean over seeds {results['seeds']})", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return True
