@@ -7,7 +7,8 @@ Run (CPU, small default: ResNet-18 ×0.25 at 128², a few minutes)::
 
 Variants: ``r34_256`` — ResNet-34 at full width, 256², PyTorch with 2
 threads (``--config=configs/benchmark.py:r34_256``); ``quick`` — a smoke run (64², 4 images).
-Methods and sizes are overrides: ``--config.benchmark.methods=grata --config.benchmark.image_size=512``.
+Methods and sizes are overrides: ``--config.benchmark.methods=grata --config.benchmark.image_size=512``;
+``--config.benchmark.dtypes=float32`` skips the bf16 rows, ``--config.benchmark.roofline=False`` the peaks.
 Writes ``benchmark.json`` and ``benchmark.md`` (see ``tta_jax/benchmark.py``).
 """
 import ml_collections
@@ -23,6 +24,8 @@ def get_config(arg=None):
     c.benchmark = ml_collections.ConfigDict(dict(
         methods=",".join(available_methods()), image_size=128, stream_length=12, torch=True,
         torch_threads=2, dgcs_nodes=256,
+        # every method once per model.compute_dtype, and the roofline (machine peaks, FLOPs, fraction of peak)
+        dtypes="float32,bfloat16", roofline=True,
         # stream-level: loop forms and K vmapped streams, measured with loop_method ("" skips both)
         loop_method="tent", loops=True, scan_unroll=4, streams="1,2,4", stream_maps="vmap,map"))
     for variant in filter(None, (arg or "").split(",")):

@@ -76,7 +76,11 @@ def get_base_config() -> ml_collections.ConfigDict:
 
     # aux_heads: comma-separated GraTa Table 5 branches (reconstruction, rotation,
     # super_resolution, denoising); trained with the source model when set.
-    c.model = ml_collections.ConfigDict(dict(backbone="resnet18", width=0.25, aux_heads="", sr_factor=4))
+    # compute_dtype: float32 | bfloat16 — what the segmentor's convolutions multiply in at test time
+    # (float32 accumulation, parameters, BN, losses, optimizer; source models train in float32).
+    # Stays float32: README, Performance, has the bf16 measurements.
+    c.model = ml_collections.ConfigDict(dict(backbone="resnet18", width=0.25, aux_heads="", sr_factor=4,
+                                             compute_dtype="float32"))
     c.synthetic = ml_collections.ConfigDict(dict(num_train=200, num_test=40, seed=0))
     # how a 'folders' dataset decodes its masks (see tta_jax/data/folders.py)
     c.folders = hparams.to_config(FolderOptions)

@@ -11,7 +11,7 @@ Variants, combine with commas (``--config=configs/spegc.py:long_term,polyp``):
   declared learning rate; the table's one source model carries NC-TTT's
   noise-contrastive head, trained with it, and TTDG's universe, learned after
   it on the frozen segmentor (``--config.universe.steps``, see
-  ``tta_jax/source/universe.py``);
+  ``tta_jax/source/universe.py``); with the full metrics (DSC, Eφmax, Sα, ...);
 * ``table3`` — the ``table1`` rows in the ``long_term`` protocol (SPEGC Table 3);
   ``table1`` and ``table3`` also test every row against SPEGC (``compare_to``);
 * ``long_term`` — 5 rounds over the targets without reset, per-round means and
@@ -53,6 +53,7 @@ def get_config(arg=None):
     tables, rest = common.apply_tables(c, ",".join(parts), TABLE_VARIANTS)
     if "table1" in tables:
         c.compare_to = "spegc"
+        c.metrics = "full"           # SPEGC's columns: DSC, Eφmax, Sα (and IoU, ASSD, HD95)
     parts = [a for a in rest.split(",") if a]
     for protocol in ("long_term", "mixed"):
         if protocol in parts:

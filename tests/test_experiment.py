@@ -63,10 +63,15 @@ def test_cli_config_errors(tmp_path):
     ("image_size", 50, "multiple of 32"),
     ("max_target_images", -1, "max_target_images must be >= 0"),
     ("compare_to", "grata", "compare_to='grata' is not among the compared methods"),
+    ("model.compute_dtype", "float16", "unknown model.compute_dtype 'float16'"),
 ])
 def test_validate_config(tmp_path, key, value, match):
     c = tiny_config(tmp_path)
-    c[key] = value
+    *parents, leaf = key.split(".")
+    node = c
+    for parent in parents:
+        node = node[parent]
+    node[leaf] = value
     with pytest.raises(ValueError, match=match):
         validate_config(c)
 

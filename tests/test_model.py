@@ -109,3 +109,59 @@ def test_conv_equals_flax_conv_with_gradients(shape, k, strides):
     grads = [jax.jit(jax.grad(lambda v, x: jnp.sum(jnp.sin(m.apply(v, x))), (0, 1)))(v, x) for m in (ours, ref)]
     for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def _bf16_rounded(tree):
+    return jax.tree.map(lambda a: a.astype(jnp.bfloat16).astype(jnp.float32), tree)
+
+
+@pytest.mark.parametrize("layer", ["conv3", "conv3_stride2", "conv7_stride2", "conv1", "upconv"])
+def test_bf16_layers_are_float32_layers_on_rounded_inputs(layer):
+    """``compute_dtype=bfloat16`` multiplies bf16 copies exactly and accumulates in float32: values and
+    gradients are the float32 layer's at bf16-rounded activations, kernels and output gradients, up to
+    the order of the float32 sums and one bf16 rounding (2⁻⁸ relative) of a gradient leaving its
+    multiplication (as under PyTorch's autocast; the square convolutions' hand-written input gradient
+    stays float32). Outputs and gradients are float32."""
+    from tta_jax.models.fast_ops import Conv, UpConv2x
+    build = {"conv3": lambda d: Conv(5, 3, 1, compute_dtype=d), "conv3_stride2": lambda d: Conv(5, 3, 2, compute_dtype=d),
+             "conv7_stride2": lambda d: Conv(4, 7, 2, use_bias=False, compute_dtype=d),
+             "conv1": lambda d: Conv(5, 1, 2, compute_dtype=d), "upconv": lambda d: UpConv2x(5, compute_dtype=d)}[layer]
+    full, low = build(None), build(jnp.bfloat16)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 12, 10, 6))
+    v = jax.jit(full.init)(jax.random.PRNGKey(1), x)
+    v = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(2), p.shape), v)
+    y_low, vjp_low = jax.vjp(lambda v, x: low.apply(v, x), v, x)
+    dy = _bf16_rounded(jax.random.normal(jax.random.PRNGKey(3), y_low.shape))
+    rounded = {"params": {**v["params"], "kernel": _bf16_rounded(v["params"]["kernel"])}}
+    y_ref, vjp_ref = jax.vjp(lambda v, x: full.apply(v, x), rounded, _bf16_rounded(x))
+    assert y_low.dtype == jnp.float32
+    np.testing.assert_allclose(y_low, y_ref, rtol=1e-5, atol=1e-5)
+    (dv_low, dx_low), (dv_ref, dx_ref) = vjp_low(dy), vjp_ref(dy)
+    assert {a.dtype for a in jax.tree.leaves((dv_low, dx_low))} == {jnp.dtype(jnp.float32)}
+    # UpConv2x's input gradient sums two rounded row gradients: two roundings, against the largest entry
+    np.testing.assert_allclose(dx_low, dx_ref, rtol=0, atol=2**-7 * float(jnp.max(jnp.abs(dx_ref))))
+    np.testing.assert_allclose(dv_low["params"]["kernel"], dv_ref["params"]["kernel"], rtol=2**-8, atol=1e-5)
+    if "bias" in dv_low["params"]:
+        np.testing.assert_allclose(dv_low["params"]["bias"], dv_ref["params"]["bias"], rtol=1e-5, atol=1e-5)
+    # and bf16 is really used: the float32 layer on unrounded inputs differs by bf16's rounding
+    assert not np.allclose(y_low, full.apply(v, x), rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_resunet_keeps_float32_outside_the_multiplications(tiny_model, tiny_variables):
+    """A bf16 ResUNet multiplies in bf16 (its HLO has bf16 operands, the float32 one none) and returns
+    float32 logits and BatchNorm statistics close to the float32 network's; an unknown dtype is refused.
+    (Gradients: the layer tests above.)"""
+    x = jax.random.uniform(jax.random.PRNGKey(0), (1, 32, 32, 3))
+    outputs, hlo = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        model = tiny_model.clone(compute_dtype=dtype)
+        forward = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
+        lowered = forward.lower(tiny_variables, x)
+        hlo[dtype] = lowered.as_text()
+        outputs[dtype] = lowered.compile()(tiny_variables, x)
+    assert "bf16" in hlo["bfloat16"] and "bf16" not in hlo["float32"]
+    assert {a.dtype for a in jax.tree.leaves(outputs["bfloat16"])} == {jnp.dtype(jnp.float32)}
+    y32, y16 = (np.ravel(outputs[d][0]) for d in ("float32", "bfloat16"))
+    assert not np.array_equal(y32, y16) and np.corrcoef(y32, y16)[0, 1] > 0.99
+    with pytest.raises(ValueError, match="compute_dtype"):
+        tiny_model.clone(compute_dtype="float16").init(jax.random.PRNGKey(0), x)

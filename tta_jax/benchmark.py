@@ -33,6 +33,29 @@ each timed on a second pass over the stream, after compilation:
 ``benchmark.dgcs_nodes`` times SPEGC's graph solver alone (Eq. 8–14 at V
 nodes, forward and forward+backward). Writes ``benchmark.json`` and
 ``benchmark.md`` to the workdir; runs unchanged on CPU, GPU or TPU.
+
+Roofline (``benchmark.roofline``): how far each compiled step is from what
+the machine can do.
+
+* the machine's measured peaks (:func:`measured_peaks`): GFLOP/s of a large
+  jitted matmul and of a large 3×3 convolution per compute dtype (bf16
+  inputs accumulate in float32, as ``model.compute_dtype`` does), and GB/s of
+  a large element-wise pass; the peak of a dtype is the faster of the two
+  kernels;
+* per step (:func:`step_cost`): FLOPs and bytes accessed from XLA's cost
+  analysis of the compiled step (step + prediction; XLA counts the taps a
+  padded convolution really computes and one FLOP per element-wise
+  operation); achieved GFLOP/s = FLOPs / median; fraction of peak; the
+  arithmetic intensity FLOPs/byte and the roofline bound
+  min(peak, intensity × bandwidth) (:func:`roofline`);
+* on the PyTorch side the FLOPs of one step counted by
+  ``torch.utils.flop_counter.FlopCounterMode`` (convolutions and matmuls,
+  forward and backward; element-wise operations are not counted, and
+  convolutions count their padded taps).
+
+``benchmark.dtypes`` (e.g. ``float32,bfloat16``) times every method once per
+``model.compute_dtype``, the dtypes and PyTorch taking turns image by image;
+the rows of other dtypes are named ``method@dtype``.
 """
 from __future__ import annotations
 
@@ -90,6 +113,80 @@ def memory_of(compiled) -> dict:
         return {"memory_analysis": f"unavailable: {err}"}
 
 
+def step_cost(compiled) -> dict:
+    """GFLOP and GB accessed of one call of ``compiled``, from XLA's cost analysis (None where not reported)."""
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return {"gflop": cost["flops"] / 1e9, "gbytes": cost["bytes accessed"] / 1e9}
+    except Exception as err:  # not every backend reports it
+        logging.warning("XLA cost analysis unavailable: %s", err)
+        return {"gflop": None, "gbytes": None}
+
+
+def _median_seconds(compiled, *args, repeats: int = 5) -> float:
+    _block(compiled(*args))
+    return float(np.median([_timed(lambda: _block(compiled(*args)))[1] for _ in range(repeats)]))
+
+
+def measured_peaks(dtypes=("float32",), matmul_size: int = 1536, conv_size: int = 64,
+                   conv_channels: int = 256, stream_mb: int = 256) -> dict:
+    """This machine's attainable rates, measured with jitted XLA kernels.
+
+    For each dtype: GFLOP/s of a ``matmul_size``² matmul and of a 3×3
+    convolution (batch 1, ``conv_size``², ``conv_channels`` in and out), both
+    multiplying in the dtype and accumulating in float32 (the kernels of
+    ``model.compute_dtype``); FLOPs from XLA's cost analysis, median of 5
+    calls; ``peak`` is the faster of the two. ``bandwidth_gb_s``: bytes read
+    per second by a jitted sum over a float32 array of ``stream_mb`` MB,
+    larger than the caches (a read-only stream: an element-wise op that
+    writes a fresh output measures the page faults of its new buffer).
+    """
+    key = jax.random.PRNGKey(0)
+    out = {}
+    for dtype in dtypes:
+        low = jnp.dtype(dtype)
+        a = jax.random.normal(key, (matmul_size, matmul_size)).astype(low)
+        x = jax.random.normal(key, (1, conv_size, conv_size, conv_channels)).astype(low)
+        k = jax.random.normal(key, (3, 3, conv_channels, conv_channels)).astype(low)
+        kernels = {
+            "matmul": (lambda a: jnp.matmul(a, a, preferred_element_type=jnp.float32), (a,)),
+            "conv3x3": (lambda x, k: jax.lax.conv_general_dilated(
+                x, k, (1, 1), [(1, 1), (1, 1)], dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                preferred_element_type=jnp.float32), (x, k)),
+        }
+        rates = {}
+        for name, (fn, args) in kernels.items():
+            compiled = jax.jit(fn).lower(*args).compile()
+            rates[f"{name}_gflop_s"] = step_cost(compiled)["gflop"] / _median_seconds(compiled, *args)
+        rates["peak_gflop_s"] = max(rates.values())
+        out[str(low)] = rates
+    stream = jnp.ones((stream_mb * 2**20 // 4,), jnp.float32)
+    compiled = jax.jit(jnp.sum).lower(stream).compile()
+    out["bandwidth_gb_s"] = step_cost(compiled)["gbytes"] / _median_seconds(compiled, stream)
+    return out
+
+
+def roofline(gflop: float | None, gbytes: float | None, seconds: float, peak_gflop_s: float,
+             bandwidth_gb_s: float) -> dict:
+    """Achieved rate of a step of ``gflop`` GFLOP and ``gbytes`` GB taking ``seconds``, against the roofline.
+
+    ``gflop_s`` = gflop / seconds; ``fraction_of_peak`` = gflop_s / peak;
+    ``intensity`` = FLOPs per byte; ``bound_gflop_s`` = min(peak, intensity ×
+    bandwidth), the fastest the roofline model allows at that intensity;
+    ``fraction_of_bound`` = gflop_s / bound.
+    """
+    if gflop is None:
+        return {}
+    rate = gflop / seconds
+    out = {"gflop_s": rate, "fraction_of_peak": rate / peak_gflop_s}
+    if gbytes:
+        intensity = gflop / gbytes
+        bound = min(peak_gflop_s, intensity * bandwidth_gb_s)
+        out.update(intensity=intensity, bound_gflop_s=bound, fraction_of_bound=rate / bound)
+    return out
+
+
 def device_peak_mb() -> float | None:
     stats = jax.devices()[0].memory_stats() or {}
     return stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None
@@ -121,7 +218,7 @@ def bench_method(method, variables, images, key) -> tuple[dict, object]:
     def step(i):
         carry["state"] = _block(compiled(carry["state"], images[i], keys[i]))[0]
 
-    return {"cold": cold, "warm": warm, "first_image_s": first,
+    return {"cold": cold, "warm": warm, "first_image_s": first, "cost": step_cost(compiled),
             "memory": memory_of(compiled), "device_peak_mb": device_peak_mb()}, step
 
 
@@ -156,7 +253,20 @@ def bench_torch(name, hp, config, images_np) -> tuple[dict, object] | None:
         return None
     xs = [torch.from_numpy(np.ascontiguousarray(im.transpose(0, 3, 1, 2))) for im in images_np]
     _, first = _timed(lambda: step(xs[0]))
-    return {"first_image_s": first, "threads": int(b.torch_threads)}, lambda i: step(xs[i])
+    return {"first_image_s": first, "threads": int(b.torch_threads), "gflop": torch_gflop(step, xs[0])}, \
+        lambda i: step(xs[i])
+
+
+def torch_gflop(step, x) -> float | None:
+    """GFLOP of one eager PyTorch ``step(x)``: convolutions and matmuls, forward and backward."""
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+    except ImportError:
+        return None
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step(x)
+    return counter.get_total_flops() / 1e9
 
 
 def _stream_seconds(runner: StreamRunner, state, images, masks, keys) -> tuple[float, float]:
@@ -234,35 +344,52 @@ def run_benchmark(config, workdir: str) -> dict:
     for name, net in nets.items():
         variables = {**variables, name: jax.jit(net.init)(jax.random.PRNGKey(config.seed + 1), jnp.zeros((1, size, size, 2)))}
 
-    def build(base, hp):
-        return make_method(base, model, hp, **{c: nets[c] for c in method_spec(base).needs(hp).companions})
+    def build(base, hp, net=model):
+        return make_method(base, net, hp, **{c: nets[c] for c in method_spec(base).needs(hp).companions})
 
+    dtypes = [d for d in str(b.get("dtypes", config.model.compute_dtype)).split(",") if d]
+    models = {d: model.clone(compute_dtype=d) for d in dtypes}
     rng = np.random.default_rng(config.seed)
     images_np = [rng.uniform(size=(1, size, size, 3)).astype(np.float32) for _ in range(int(b.stream_length))]
     images = [jnp.asarray(x) for x in images_np]
     results = {"device": str(jax.devices()[0]), "backend": jax.default_backend(), "image_size": size,
                "backbone": config.model.backbone, "width": float(config.model.width),
-               "stream_length": int(b.stream_length), "methods": {}}
+               "stream_length": int(b.stream_length), "dtypes": dtypes, "methods": {}}
+    if b.get("roofline", True):
+        logging.info("benchmark: this machine's peaks")
+        results["peaks"] = measured_peaks(dtypes)
     for name in methods:
         base, hp = resolve_method(config, name)
-        logging.info("benchmark: %s", name)
-        row, jax_step = bench_method(build(base, hp), variables, images, key)
-        steps = {"jax": jax_step}
-        if b.torch:
-            torch_row = bench_torch(base, hp, config, images_np)
-            if torch_row:
-                row["torch"], steps["torch"] = torch_row
+        rows, steps = {}, {}
+        for dtype in dtypes:
+            label = name if dtype == "float32" else f"{name}@{dtype}"
+            logging.info("benchmark: %s", label)
+            rows[label], steps[label] = bench_method(build(base, hp, models[dtype]), variables, images, key)
+            rows[label]["compute_dtype"] = dtype
+        torch_row = bench_torch(base, hp, config, images_np) if b.torch else None
+        if torch_row:
+            torch_row, steps["torch"] = torch_row
         medians = steady_state(steps, len(images))
-        row["median_s"] = medians["jax"]
-        if "torch" in medians:
-            t = row["torch"]
-            t["median_s"] = medians["torch"]
-            row["ratio_torch_over_jax"] = t["median_s"] / row["median_s"]
-            row["break_even_images"] = break_even(
-                ready_s(row["cold"]) + row["first_image_s"],
-                row["median_s"], t["first_image_s"], t["median_s"])
-        results["methods"][name] = row
-        logging.info("benchmark %s: %s", name, json.dumps(row))
+        if torch_row:
+            torch_row["median_s"] = medians["torch"]
+        for label, row in rows.items():
+            row["median_s"] = medians[label]
+            if "peaks" in results:
+                row["roofline"] = roofline(row["cost"]["gflop"], row["cost"]["gbytes"], row["median_s"],
+                                           results["peaks"][row["compute_dtype"]]["peak_gflop_s"],
+                                           results["peaks"]["bandwidth_gb_s"])
+            if torch_row:
+                # the reference is float32 eager PyTorch whatever dtype the JAX row computes in
+                row["torch"] = dict(torch_row)
+                row["ratio_torch_over_jax"] = torch_row["median_s"] / row["median_s"]
+                row["break_even_images"] = break_even(
+                    ready_s(row["cold"]) + row["first_image_s"],
+                    row["median_s"], torch_row["first_image_s"], torch_row["median_s"])
+                if torch_row.get("gflop") and "peaks" in results:
+                    row["torch"]["roofline"] = roofline(torch_row["gflop"], None, torch_row["median_s"],
+                                                        results["peaks"]["float32"]["peak_gflop_s"], 0.0)
+            results["methods"][label] = row
+            logging.info("benchmark %s: %s", label, json.dumps(row))
     masks = (rng.uniform(size=(len(images_np), size, size, 2)) > 0.5).astype(np.uint8)
     stream = np.concatenate(images_np)
     if b.loop_method and (b.loops or b.streams):
@@ -293,11 +420,16 @@ def _f(x, digits=3):
     return "–" if x is None else f"{x:.{digits}f}"
 
 
+def _pct(x):
+    return "–" if x is None else f"{100 * x:.1f} %"
+
+
 def benchmark_table(r: dict) -> str:
     lines = [f"# Benchmark on {r['device']} ({r['backend']}): {r['backbone']} ×{r['width']}, "
              f"{r['image_size']}², batch 1, stream of {r['stream_length']}",
              "", "Seconds. cold = empty persistent cache; warm = served from it. ready = trace + lower + "
-             "compile: the time until the step can run. median = adaptation step + prediction per image.", "",
+             "compile: the time until the step can run. median = adaptation step + prediction per image. "
+             "Rows `method@dtype` multiply in that `model.compute_dtype`; PyTorch is float32 eager.", "",
              "| method | trace | lower | compile cold | ready cold | compile warm | ready warm | first image | "
              "median/image | XLA temp MB | PyTorch first | PyTorch median | PyTorch/JAX | break-even N |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -309,6 +441,23 @@ def benchmark_table(r: dict) -> str:
             f"{_f(m['first_image_s'])} | {_f(m['median_s'])} | "
             f"{_f(m['memory'].get('temp_mb'), 1)} | {_f(t.get('first_image_s'))} | {_f(t.get('median_s'))} | "
             f"{_f(m.get('ratio_torch_over_jax'), 2)} | {m.get('break_even_images', '–') if t else '–'} |")
+    if "peaks" in r:
+        p = r["peaks"]
+        lines += ["", "Roofline. This machine's measured peaks (jitted XLA kernels, float32 accumulation): " + "; ".join(
+            f"{d}: matmul {p[d]['matmul_gflop_s']:.1f}, 3×3 conv {p[d]['conv3x3_gflop_s']:.1f} GFLOP/s"
+            for d in r.get("dtypes", ["float32"])) + f"; element-wise bandwidth {p['bandwidth_gb_s']:.1f} GB/s. "
+            "FLOPs and bytes per step + prediction from XLA's cost analysis; PyTorch's FLOPs (convolutions and "
+            "matmuls only) from its FlopCounterMode, its rate against the float32 peak.", "",
+            "| method | GFLOP/step | GB/step | FLOP/byte | GFLOP/s | of peak | of roofline bound | "
+            "PyTorch GFLOP/step | PyTorch GFLOP/s | PyTorch of peak |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for name, m in r["methods"].items():
+            c, f = m.get("cost", {}), m.get("roofline", {})
+            t = m.get("torch") or {}
+            tf = t.get("roofline", {})
+            lines.append(f"| {name} | {_f(c.get('gflop'), 2)} | {_f(c.get('gbytes'), 3)} | {_f(f.get('intensity'), 1)} | "
+                         f"{_f(f.get('gflop_s'), 1)} | {_pct(f.get('fraction_of_peak'))} | "
+                         f"{_pct(f.get('fraction_of_bound'))} | {_f(t.get('gflop'), 2)} | {_f(tf.get('gflop_s'), 1)} | "
+                         f"{_pct(tf.get('fraction_of_peak'))} |")
     if "loops" in r:
         lines += ["", f"Loop forms ({r['loop_method']}, stream of {r['stream_length']}, second pass): "
                   "seconds per image", "", "| loop | per image | first pass (incl. compile) |", "|---|---|---|"]

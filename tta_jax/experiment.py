@@ -30,6 +30,7 @@ from tta_jax.data.folders import FolderOptions
 from tta_jax.hparams import HParamError, as_dict, from_mapping
 from tta_jax.methods import available_methods, make_method, method_hparams, method_spec
 from tta_jax.metrics import domain_summary
+from tta_jax.models.resunet import COMPUTE_DTYPES
 from tta_jax.runner import LOOPS, PROTOCOLS, STREAM_MAPS, default_loop
 from tta_jax.data.digest import manifest, manifest_digest
 from tta_jax.source import build_model, companions, get_source_model, merge_needs, segmentor_variables
@@ -98,7 +99,9 @@ def validate_config(config) -> None:
                                 ("protocol", config.protocol, PROTOCOLS), ("loop", config.loop, LOOPS),
                                 ("stream_map", config.stream_map, STREAM_MAPS),
                                 ("metrics", config.metrics, METRIC_SETS),
-                                ("distance_unit", config.distance_unit, DISTANCE_UNITS)):
+                                ("distance_unit", config.distance_unit, DISTANCE_UNITS),
+                                ("model.compute_dtype", config.model.get("compute_dtype", "float32"),
+                                 tuple(COMPUTE_DTYPES))):
         if value not in choices:
             raise HParamError(f"unknown {key} {value!r}; choose one of {', '.join(choices)}")
     methods = method_rows(config)
@@ -106,6 +109,9 @@ def validate_config(config) -> None:
         raise HParamError("config.methods is empty")
     if config.mode == "benchmark":
         methods = split_list(config.benchmark.methods)
+        for dtype in split_list(config.benchmark.get("dtypes", "")):
+            if dtype not in COMPUTE_DTYPES:
+                raise HParamError(f"unknown benchmark.dtypes entry {dtype!r}; choose from {', '.join(COMPUTE_DTYPES)}")
     run_needs(config, methods)   # every row's hyperparameters are checked here
     if config.mode == "adapt" and config.compare_to and config.compare_to not in methods:
         raise HParamError(f"compare_to={config.compare_to!r} is not among the compared methods "

@@ -9,6 +9,12 @@ gradients). The benchmark (README, Performance) measures what they buy.
   (:func:`conv_same`); 1×1 convolutions as matmuls;
 * :func:`max_pool_3x3_s2` — the stem's max-pool as 9 strided slices;
 * :class:`UpConv2x` — the 2×2/2 transposed convolution as two row matmuls.
+
+Each takes a ``compute_dtype`` (``None``: that of the inputs): with
+``"bfloat16"`` the multiplications read bf16 copies of the activations and the
+float32 kernel and accumulate into float32 (``preferred_element_type``), so
+outputs, gradients and everything downstream (BatchNorm, losses, optimizer
+state) stay float32: the mixed precision of ``model.compute_dtype``.
 """
 from __future__ import annotations
 
@@ -23,9 +29,23 @@ import jax.numpy as jnp
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
 
-def _conv(x, kernel, strides: int, pad: int):
+def _low(compute_dtype, *arrays):
+    """``arrays`` cast to ``compute_dtype`` (unchanged for None) and the accumulation dtype to ask for."""
+    if compute_dtype is None:
+        return arrays, None
+    return tuple(a.astype(compute_dtype) for a in arrays), jnp.float32
+
+
+def _conv(x, kernel, strides: int, pad: int, compute_dtype=None, **kw):
+    (x, kernel), accumulate = _low(compute_dtype, x, kernel)
     return jax.lax.conv_general_dilated(x, kernel, (strides, strides), [(pad, pad), (pad, pad)],
-                                        dimension_numbers=_DIMS)
+                                        dimension_numbers=_DIMS, preferred_element_type=accumulate, **kw)
+
+
+def matmul_channels(spec: str, x, kernel, compute_dtype=None):
+    """``jnp.einsum(spec, x, kernel)`` with the multiplication in ``compute_dtype`` and float32 accumulation."""
+    (x, kernel), accumulate = _low(compute_dtype, x, kernel)
+    return jnp.einsum(spec, x, kernel, preferred_element_type=accumulate)
 
 
 def input_grad_kernel(kernel):
@@ -33,8 +53,8 @@ def input_grad_kernel(kernel):
     return jnp.transpose(jnp.flip(kernel, (0, 1)), (0, 1, 3, 2))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv_same(x, kernel, strides: int, pad: int):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv_same(x, kernel, strides: int, pad: int, compute_dtype=None):
     """A square convolution (NHWC/HWIO, symmetric ``pad``) whose input gradient is spelled out.
 
     The input gradient is the convolution of the (dilated, for ``strides`` > 1)
@@ -42,24 +62,25 @@ def conv_same(x, kernel, strides: int, pad: int):
     here as an explicit transpose, which XLA:CPU materialises and hands to
     its fast convolution library; left to autodiff it keeps the swapped kernel
     layout and falls back to a slow generic convolution. Values and gradients equal autodiff's
-    (``tests/test_model.py``).
+    (``tests/test_model.py``). Both gradient convolutions also multiply in ``compute_dtype``.
     """
-    return _conv(x, kernel, strides, pad)
+    return _conv(x, kernel, strides, pad, compute_dtype)
 
 
-def _conv_same_fwd(x, kernel, strides, pad):
-    return _conv(x, kernel, strides, pad), (x, kernel)
+def _conv_same_fwd(x, kernel, strides, pad, compute_dtype):
+    return _conv(x, kernel, strides, pad, compute_dtype), (x, kernel)
 
 
-def _conv_same_bwd(strides, pad, residuals, dy):
+def _conv_same_bwd(strides, pad, compute_dtype, residuals, dy):
     x, kernel = residuals
     k = kernel.shape[0]
     flipped = input_grad_kernel(kernel)
     pads = [(k - 1 - pad, k - 1 - pad + (n + 2 * pad - k) % strides) for n in x.shape[1:3]]
-    dx = jax.lax.conv_general_dilated(dy, flipped, (1, 1), pads, lhs_dilation=(strides, strides),
-                                      dimension_numbers=_DIMS)
-    _, kernel_vjp = jax.vjp(lambda kk: _conv(x, kk, strides, pad), kernel)
-    return dx, kernel_vjp(dy)[0]
+    (dy_low, flipped), accumulate = _low(compute_dtype, dy, flipped)
+    dx = jax.lax.conv_general_dilated(dy_low, flipped, (1, 1), pads, lhs_dilation=(strides, strides),
+                                      dimension_numbers=_DIMS, preferred_element_type=accumulate)
+    _, kernel_vjp = jax.vjp(lambda kk: _conv(x, kk, strides, pad, compute_dtype), kernel)
+    return dx.astype(x.dtype), kernel_vjp(dy)[0]
 
 
 conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
@@ -80,15 +101,17 @@ class Conv(nn.Module):
     use_bias: bool = True
     kernel_init: Any = nn.initializers.lecun_normal()
     bias_init: Any = nn.initializers.zeros_init()
+    compute_dtype: Any = None
 
     @nn.compact
     def __call__(self, x):
         k = self.kernel_size
         kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
         if k == 1:
-            y = jnp.einsum("nhwc,co->nhwo", x[:, ::self.strides, ::self.strides], kernel[0, 0])
+            y = matmul_channels("nhwc,co->nhwo", x[:, ::self.strides, ::self.strides], kernel[0, 0],
+                                self.compute_dtype)
         else:
-            y = conv_same(x, kernel, self.strides, k // 2)
+            y = conv_same(x, kernel, self.strides, k // 2, self.compute_dtype)
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32)
         return y
@@ -127,6 +150,7 @@ class UpConv2x(nn.Module):
     features: int
     kernel_init: Any = nn.initializers.lecun_normal()
     bias_init: Any = nn.initializers.zeros_init()
+    compute_dtype: Any = None
 
     @nn.compact
     def __call__(self, x):
@@ -137,6 +161,7 @@ class UpConv2x(nn.Module):
         # One matmul per output row parity a: its [n, h, w, (b, o)] result is already output row
         # 2i + a in memory order, so the two interleave by a cheap row-block concatenation. (A
         # single einsum to "nhawbo" makes XLA:CPU transpose whole activations.)
-        rows = [jnp.einsum("nhwc,bco->nhwbo", x, kernel[a]).reshape(n, h, 1, 2 * w, self.features)
+        rows = [matmul_channels("nhwc,bco->nhwbo", x, kernel[a], self.compute_dtype).reshape(
+                    n, h, 1, 2 * w, self.features)
                 for a in range(2)]
         return jnp.concatenate(rows, axis=2).reshape(n, 2 * h, 2 * w, self.features) + bias

@@ -28,6 +28,7 @@ statistics (see :mod:`tta_jax.bn`).
 from __future__ import annotations
 
 import functools
+from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,9 @@ from tta_jax.models.fast_ops import Conv, UpConv2x, max_pool_3x3_s2
 # variance (use_fast_variance) is kept: the two-pass form reduced neither the float32 GraTa
 # step's distance to a float64 PyTorch step nor its time in an interleaved A/B.
 BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
+
+# model.compute_dtype → the dtype the convolutions multiply in (None: float32 inputs as they are)
+COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 
 RESNET_STAGES = {
     "resnet18": ("basic", (2, 2, 2, 2)),
@@ -53,17 +57,20 @@ def _channels(base: int, width: float) -> int:
 class BasicBlock(nn.Module):
     features: int
     strides: int = 1
+    compute_dtype: Any = None
     expansion = 1
 
     @nn.compact
     def __call__(self, x, train: bool):
         residual = x
-        y = Conv(self.features, 3, self.strides, use_bias=False, name="conv1")(x)
+        y = Conv(self.features, 3, self.strides, use_bias=False, name="conv1",
+                 compute_dtype=self.compute_dtype)(x)
         y = nn.relu(BatchNorm(use_running_average=not train, name="bn1")(y))
-        y = Conv(self.features, 3, use_bias=False, name="conv2")(y)
+        y = Conv(self.features, 3, use_bias=False, name="conv2", compute_dtype=self.compute_dtype)(y)
         y = BatchNorm(use_running_average=not train, name="bn2")(y)
         if residual.shape != y.shape:
-            residual = Conv(self.features, 1, self.strides, use_bias=False, name="downsample_conv")(residual)
+            residual = Conv(self.features, 1, self.strides, use_bias=False, name="downsample_conv",
+                            compute_dtype=self.compute_dtype)(residual)
             residual = BatchNorm(use_running_average=not train, name="downsample_bn")(residual)
         return nn.relu(y + residual)
 
@@ -71,20 +78,23 @@ class BasicBlock(nn.Module):
 class BottleneckBlock(nn.Module):
     features: int
     strides: int = 1
+    compute_dtype: Any = None
     expansion = 4
 
     @nn.compact
     def __call__(self, x, train: bool):
         residual = x
-        y = Conv(self.features, 1, use_bias=False, name="conv1")(x)
+        y = Conv(self.features, 1, use_bias=False, name="conv1", compute_dtype=self.compute_dtype)(x)
         y = nn.relu(BatchNorm(use_running_average=not train, name="bn1")(y))
         # torchvision's ResNet-50 (v1.5) strides in the 3×3 conv.
-        y = Conv(self.features, 3, self.strides, use_bias=False, name="conv2")(y)
+        y = Conv(self.features, 3, self.strides, use_bias=False, name="conv2",
+                 compute_dtype=self.compute_dtype)(y)
         y = nn.relu(BatchNorm(use_running_average=not train, name="bn2")(y))
-        y = Conv(self.features * 4, 1, use_bias=False, name="conv3")(y)
+        y = Conv(self.features * 4, 1, use_bias=False, name="conv3", compute_dtype=self.compute_dtype)(y)
         y = BatchNorm(use_running_average=not train, name="bn3")(y)
         if residual.shape != y.shape:
-            residual = Conv(self.features * 4, 1, self.strides, use_bias=False, name="downsample_conv")(residual)
+            residual = Conv(self.features * 4, 1, self.strides, use_bias=False, name="downsample_conv",
+                            compute_dtype=self.compute_dtype)(residual)
             residual = BatchNorm(use_running_average=not train, name="downsample_bn")(residual)
         return nn.relu(y + residual)
 
@@ -93,12 +103,13 @@ class UnetBlock(nn.Module):
     """Decoder block of the official ResUNet: cat(tr_conv(up), x_conv(skip)) → ReLU → BN."""
 
     n_out: int
+    compute_dtype: Any = None
 
     @nn.compact
     def __call__(self, up, skip, train: bool):
         half = self.n_out // 2
-        up = UpConv2x(half, name="tr_conv")(up)
-        skip = Conv(half, 1, name="x_conv")(skip)
+        up = UpConv2x(half, name="tr_conv", compute_dtype=self.compute_dtype)(up)
+        skip = Conv(half, 1, name="x_conv", compute_dtype=self.compute_dtype)(skip)
         x = nn.relu(jnp.concatenate([up, skip], axis=-1))
         return BatchNorm(use_running_average=not train, name="bn")(x)
 
@@ -134,10 +145,11 @@ class UpsampleBlock(nn.Module):
     """Official auxiliary-branch block: bilinear ×2 (align corners), 1×1 conv, ReLU, BN."""
 
     features: int
+    compute_dtype: Any = None
 
     @nn.compact
     def __call__(self, x, train: bool):
-        x = Conv(self.features, 1, name="conv")(upsample2x_align_corners(x))
+        x = Conv(self.features, 1, name="conv", compute_dtype=self.compute_dtype)(upsample2x_align_corners(x))
         return BatchNorm(use_running_average=not train, name="bn")(nn.relu(x))
 
 
@@ -215,6 +227,13 @@ class ResUNet(nn.Module):
         Returned in a dict when ``return_aux=True``.
       sr_factor: super-resolution factor (the input of that branch is the
         image downsampled by it).
+      compute_dtype: ``float32`` or ``bfloat16``: the dtype every convolution
+        and channel matmul multiplies in (``model.compute_dtype``). With
+        ``bfloat16`` they read bf16 copies of activations and float32 kernels
+        and accumulate in float32; parameters, BatchNorm (statistics and
+        normalisation), losses, gradients and optimizer states stay float32
+        (:mod:`tta_jax.models.fast_ops`). The small ``nn.Dense`` layers of the
+        rotation and noise-contrastive heads stay float32.
     """
 
     backbone: str = "resnet34"
@@ -222,6 +241,12 @@ class ResUNet(nn.Module):
     width: float = 1.0
     aux_heads: tuple[str, ...] = ()
     sr_factor: int = 4
+    compute_dtype: str = "float32"
+
+    def _multiply_dtype(self):
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"unknown compute_dtype {self.compute_dtype!r}; choose one of {list(COMPUTE_DTYPES)}")
+        return COMPUTE_DTYPES[self.compute_dtype]
 
     @nn.compact
     def __call__(self, x, train: bool = False, return_aux: bool = False, return_features: bool = False,
@@ -242,15 +267,16 @@ class ResUNet(nn.Module):
         kind, stages = RESNET_STAGES[self.backbone]
         block = BasicBlock if kind == "basic" else BottleneckBlock
         c = functools.partial(_channels, width=self.width)
+        low = self._multiply_dtype()
 
-        x = Conv(c(64), 7, 2, use_bias=False, name="conv1")(x)
+        x = Conv(c(64), 7, 2, use_bias=False, name="conv1", compute_dtype=low)(x)
         x = nn.relu(BatchNorm(use_running_average=not train, name="bn1")(x))
         skips = [x]
         x = max_pool_3x3_s2(x)
         for i, n_blocks in enumerate(stages):
             for j in range(n_blocks):
                 strides = 2 if (i > 0 and j == 0) else 1
-                x = block(c(64 * 2**i), strides, name=f"layer{i + 1}_{j}")(x, train)
+                x = block(c(64 * 2**i), strides, low, name=f"layer{i + 1}_{j}")(x, train)
             skips.append(x)
         # skips: stem, layer1, layer2, layer3, (layer4 = bottleneck)
         bottleneck = nn.relu(skips.pop())
@@ -258,10 +284,10 @@ class ResUNet(nn.Module):
             bottleneck = nn.Dropout(bottleneck_dropout, deterministic=False)(bottleneck)
         x = bottleneck
         for k, skip in enumerate(reversed(skips)):
-            x = UnetBlock(c(256), name=f"up{k + 1}")(x, skip, train)
-        features = UpConv2x(c(32), name="up5")(x)
+            x = UnetBlock(c(256), low, name=f"up{k + 1}")(x, skip, train)
+        features = UpConv2x(c(32), name="up5", compute_dtype=low)(x)
         head_in = nn.relu(BatchNorm(use_running_average=not train, name="bnout")(features))
-        logits = Conv(self.num_classes, 1, name="seg_head")(head_in)
+        logits = Conv(self.num_classes, 1, name="seg_head", compute_dtype=low)(head_in)
         outputs = (logits,)
         if return_aux:
             aux = {}
@@ -277,6 +303,7 @@ class ResUNet(nn.Module):
 
     def _aux_branch(self, name, bottleneck, train):
         c = functools.partial(_channels, width=self.width)
+        low = self._multiply_dtype()
         if name == "rotation":
             h = jnp.mean(bottleneck, axis=(1, 2))
             h = nn.leaky_relu(nn.Dense(c(256), name="rotate_head_0")(h), 0.2)
@@ -285,13 +312,13 @@ class ResUNet(nn.Module):
         prefix = _AUX_PREFIX[name]
         h = bottleneck
         for k, base in enumerate((256, 128, 64, 32)):
-            h = UpsampleBlock(c(base), name=f"{prefix}{k + 1}")(h, train)
+            h = UpsampleBlock(c(base), low, name=f"{prefix}{k + 1}")(h, train)
         h = upsample2x_align_corners(h)
         if name != "super_resolution":
-            return Conv(3, 1, name=f"{prefix}_head")(h)
-        h = jnp.tanh(Conv(c(32), 5, name="supres_head_0")(h))
-        h = jnp.tanh(Conv(c(32), 3, name="supres_head_2")(h))
-        h = Conv(3 * self.sr_factor**2, 3, name="supres_head_4")(h)
+            return Conv(3, 1, name=f"{prefix}_head", compute_dtype=low)(h)
+        h = jnp.tanh(Conv(c(32), 5, name="supres_head_0", compute_dtype=low)(h))
+        h = jnp.tanh(Conv(c(32), 3, name="supres_head_2", compute_dtype=low)(h))
+        h = Conv(3 * self.sr_factor**2, 3, name="supres_head_4", compute_dtype=low)(h)
         return pixel_shuffle(h, self.sr_factor)
 
 

@@ -60,7 +60,8 @@ def resolved_source(config, needs: SourceNeeds) -> tuple[tuple[str, ...], bool]:
 def build_model(config, num_classes: int, needs: SourceNeeds = SourceNeeds()) -> ResUNet:
     heads, _ = resolved_source(config, needs)
     return ResUNet(backbone=config.model.backbone, num_classes=num_classes, width=config.model.width,
-                   aux_heads=heads, sr_factor=config.model.sr_factor)
+                   aux_heads=heads, sr_factor=config.model.sr_factor,
+                   compute_dtype=config.model.get("compute_dtype", "float32"))
 
 
 def adversarial_hparams(config) -> AdversarialHParams:
@@ -103,9 +104,11 @@ def source_settings(config, needs: SourceNeeds = SourceNeeds(), data_digest: str
     """
     heads, adversarial = resolved_source(config, needs)
     source = {**config.source.to_dict(), "adversarial": adversarial}
+    # source models always train in float32 (get_source_model); compute_dtype is a test-time choice
+    model = {k: v for k, v in config.model.to_dict().items() if k != "compute_dtype"}
     settings = dict(version=SOURCE_CACHE_VERSION, dataset=config.dataset, data=data_digest,
                     source_domain=config.source_domain, image_size=config.image_size,
-                    model={**config.model.to_dict(), "aux_heads": ",".join(heads)}, source=source)
+                    model={**model, "aux_heads": ",".join(heads)}, source=source)
     if adversarial:
         settings["adversarial"] = as_dict(adversarial_hparams(config))
     if "dae" in needs.companions:
@@ -139,7 +142,10 @@ def get_source_model(config, model, dataset, source: str, needs: SourceNeeds = S
 
     Returns ``(variables, info)``; ``variables`` holds ``params``,
     ``batch_stats`` and one entry per companion network the methods need.
+    Training runs in float32 whatever ``model.compute_dtype``: a bf16 run
+    adapts the same source model as the float32 run it is compared with.
     """
+    model = model.clone(compute_dtype="float32")
     _, adversarial = resolved_source(config, needs)
     template = init_variables(model, jax.random.PRNGKey(config.source.seed), config.image_size)
     if adversarial:
