@@ -85,7 +85,8 @@ def test_roofline_arithmetic():
 
 
 def test_measured_peaks_have_every_dtype_and_the_bandwidth():
-    p = measured_peaks(("float32", "bfloat16"), matmul_size=64, conv_size=8, conv_channels=8, stream_mb=1)
+    p = measured_peaks(("float32", "bfloat16"), matmul_sizes=(32, 64), conv_shapes=((1, 8, 8, 8), (2, 4, 4, 8)),
+                       stream_mb=1)
     for dtype in ("float32", "bfloat16"):
         rates = p[dtype]
         assert rates["peak_gflop_s"] == max(rates["matmul_gflop_s"], rates["conv3x3_gflop_s"]) > 0

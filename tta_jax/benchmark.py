@@ -129,36 +129,40 @@ def _median_seconds(compiled, *args, repeats: int = 5) -> float:
     return float(np.median([_timed(lambda: _block(compiled(*args)))[1] for _ in range(repeats)]))
 
 
-def measured_peaks(dtypes=("float32",), matmul_size: int = 1536, conv_size: int = 64,
-                   conv_channels: int = 256, stream_mb: int = 256) -> dict:
+def measured_peaks(dtypes=("float32",), matmul_sizes=(1024, 2048), conv_shapes=((1, 64, 64, 256), (6, 32, 32, 128)),
+                   stream_mb: int = 256) -> dict:
     """This machine's attainable rates, measured with jitted XLA kernels.
 
-    For each dtype: GFLOP/s of a ``matmul_size``² matmul and of a 3×3
-    convolution (batch 1, ``conv_size``², ``conv_channels`` in and out), both
-    multiplying in the dtype and accumulating in float32 (the kernels of
-    ``model.compute_dtype``); FLOPs from XLA's cost analysis, median of 5
-    calls; ``peak`` is the faster of the two. ``bandwidth_gb_s``: bytes read
-    per second by a jitted sum over a float32 array of ``stream_mb`` MB,
-    larger than the caches (a read-only stream: an element-wise op that
-    writes a fresh output measures the page faults of its new buffer).
+    For each dtype: the best GFLOP/s over square matmuls of ``matmul_sizes``
+    and over 3×3 'same' convolutions of input shapes ``conv_shapes`` (NHWC,
+    as many output channels as input channels), all multiplying in the dtype
+    and accumulating in float32 (the kernels of ``model.compute_dtype``);
+    FLOPs from XLA's cost analysis, median of 5 calls; ``peak`` is the faster
+    of the two kinds. The best over a few shapes, because XLA:CPU's rate
+    depends on the shape (a batch of views can beat one large image).
+    ``bandwidth_gb_s``: bytes read per second by a jitted sum over a float32
+    array of ``stream_mb`` MB, larger than the caches (a read-only stream: an
+    element-wise op that writes a fresh output measures the page faults of
+    its new buffer).
     """
     key = jax.random.PRNGKey(0)
+    conv = jax.jit(lambda x, k: jax.lax.conv_general_dilated(
+        x, k, (1, 1), [(1, 1), (1, 1)], dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        preferred_element_type=jnp.float32))
+    matmul = jax.jit(lambda a: jnp.matmul(a, a, preferred_element_type=jnp.float32))
+
+    def rate(fn, *args):
+        compiled = fn.lower(*args).compile()
+        return step_cost(compiled)["gflop"] / _median_seconds(compiled, *args)
+
     out = {}
     for dtype in dtypes:
         low = jnp.dtype(dtype)
-        a = jax.random.normal(key, (matmul_size, matmul_size)).astype(low)
-        x = jax.random.normal(key, (1, conv_size, conv_size, conv_channels)).astype(low)
-        k = jax.random.normal(key, (3, 3, conv_channels, conv_channels)).astype(low)
-        kernels = {
-            "matmul": (lambda a: jnp.matmul(a, a, preferred_element_type=jnp.float32), (a,)),
-            "conv3x3": (lambda x, k: jax.lax.conv_general_dilated(
-                x, k, (1, 1), [(1, 1), (1, 1)], dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                preferred_element_type=jnp.float32), (x, k)),
-        }
-        rates = {}
-        for name, (fn, args) in kernels.items():
-            compiled = jax.jit(fn).lower(*args).compile()
-            rates[f"{name}_gflop_s"] = step_cost(compiled)["gflop"] / _median_seconds(compiled, *args)
+        rates = {"matmul_gflop_s": max(rate(matmul, jax.random.normal(key, (n, n)).astype(low))
+                                       for n in matmul_sizes),
+                 "conv3x3_gflop_s": max(rate(conv, jax.random.normal(key, shape).astype(low),
+                                             jax.random.normal(key, (3, 3, shape[-1], shape[-1])).astype(low))
+                                        for shape in conv_shapes)}
         rates["peak_gflop_s"] = max(rates.values())
         out[str(low)] = rates
     stream = jnp.ones((stream_mb * 2**20 // 4,), jnp.float32)
