@@ -26,6 +26,8 @@ def get_config(arg=None):
         torch_threads=2, dgcs_nodes=256,
         # every method once per model.compute_dtype, and the roofline (machine peaks, FLOPs, fraction of peak)
         dtypes="float32,bfloat16", roofline=True,
+        # also PyTorch with only BN affine parameters requiring gradients (no unused weight gradients)
+        torch_bn_grads_only=True,
         # stream-level: loop forms and K vmapped streams, measured with loop_method ("" skips both)
         loop_method="tent", loops=True, scan_unroll=4, streams="1,2,4", stream_maps="vmap,map"))
     for variant in filter(None, (arg or "").split(",")):

@@ -176,3 +176,19 @@ def test_tent_step_equivalence(pair, stream):
         state, logits_j, info = step(state, x, None)
         assert float(info["loss"]) == pytest.approx(loss_t, rel=1e-5)
         assert rel_err(logits_j, _nhwc(logits_t)) < 1e-4, i
+
+
+def test_bn_grads_only_reference_takes_the_same_grata_step():
+    """Freezing every non-BN parameter (the benchmark's second PyTorch form) changes what backward
+    computes, not the step: same logits, cos and η as the official flow from the same weights."""
+    torch.manual_seed(0)
+    official = ref.TorchResUNet("resnet18", 2, 0.125).train()
+    frozen = ref.freeze_all_but_bn(ref.TorchResUNet("resnet18", 2, 0.125).train())
+    frozen.load_state_dict(official.state_dict())
+    assert sum(p.requires_grad for p in frozen.parameters()) == len(ref.bn_parameters(frozen)) < \
+        sum(p.requires_grad for p in official.parameters())
+    x = torch.rand(1, 3, 64, 64)
+    outs = [ref.grata_step(m, ref.make_adam(m, 1e-4), x, strong_off=True) for m in (official, frozen)]
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    assert outs[0][1]["cos"] == pytest.approx(outs[1][1]["cos"], abs=1e-6)
+    assert outs[0][1]["eta"] == pytest.approx(outs[1][1]["eta"], rel=1e-5)

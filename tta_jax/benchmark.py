@@ -240,25 +240,38 @@ def steady_state(steps: dict, n: int) -> dict:
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def bench_torch(name, hp, config, images_np) -> tuple[dict, object] | None:
-    """The eager PyTorch reference of ``name`` (if it has one): first image and a ``step(i)``."""
+def bench_torch(name, hp, config, images_np) -> dict:
+    """The eager PyTorch reference of ``name`` (if it has one): ``{label: (row, step(i))}``.
+
+    ``torch``: the reference as the official code runs it (every parameter
+    requires a gradient, so backward also computes the convolution weights'
+    gradients that a BN-only method discards); with ``benchmark.torch_bn_grads_only``
+    also ``torch_bn_grads_only``: the same step with only the BatchNorm affine
+    parameters requiring gradients (:func:`tta_jax.torch_reference.freeze_all_but_bn`),
+    the fastest eager form of the same computation.
+    """
     try:
         import torch
         from tta_jax import torch_reference as ref
     except ImportError as err:
         logging.warning("PyTorch reference skipped: %s", err)
-        return None
+        return {}
     b = config.benchmark
     torch.set_num_threads(int(b.torch_threads))
-    torch.manual_seed(0)
-    model = ref.TorchResUNet(config.model.backbone, 2, config.model.width).train()
-    step = ref.make_step(name, model, hp)
-    if step is None:
-        return None
     xs = [torch.from_numpy(np.ascontiguousarray(im.transpose(0, 3, 1, 2))) for im in images_np]
-    _, first = _timed(lambda: step(xs[0]))
-    return {"first_image_s": first, "threads": int(b.torch_threads), "gflop": torch_gflop(step, xs[0])}, \
-        lambda i: step(xs[i])
+    out = {}
+    for label in ("torch", "torch_bn_grads_only")[:1 + bool(b.get("torch_bn_grads_only", False))]:
+        torch.manual_seed(0)
+        model = ref.TorchResUNet(config.model.backbone, 2, config.model.width).train()
+        if label == "torch_bn_grads_only":
+            ref.freeze_all_but_bn(model)
+        step = ref.make_step(name, model, hp)
+        if step is None:
+            return {}
+        _, first = _timed(lambda: step(xs[0]))
+        out[label] = ({"first_image_s": first, "threads": int(b.torch_threads), "gflop": torch_gflop(step, xs[0])},
+                      lambda i, step=step: step(xs[i]))
+    return out
 
 
 def torch_gflop(step, x) -> float | None:
@@ -370,13 +383,17 @@ def run_benchmark(config, workdir: str) -> dict:
             logging.info("benchmark: %s", label)
             rows[label], steps[label] = bench_method(build(base, hp, models[dtype]), variables, images, key)
             rows[label]["compute_dtype"] = dtype
-        torch_row = bench_torch(base, hp, config, images_np) if b.torch else None
-        if torch_row:
-            torch_row, steps["torch"] = torch_row
+        torch_rows = bench_torch(base, hp, config, images_np) if b.torch else {}
+        for torch_label, (torch_row, torch_step) in torch_rows.items():
+            steps[torch_label] = torch_step
         medians = steady_state(steps, len(images))
-        if torch_row:
-            torch_row["median_s"] = medians["torch"]
+        for torch_label, (torch_row, _) in torch_rows.items():
+            torch_row["median_s"] = medians[torch_label]
+        torch_row = torch_rows.get("torch", (None,))[0]
         for label, row in rows.items():
+            if "torch_bn_grads_only" in torch_rows:
+                row["torch_bn_grads_only"] = torch_rows["torch_bn_grads_only"][0]
+                row["ratio_torch_bn_grads_only_over_jax"] = row["torch_bn_grads_only"]["median_s"] / medians[label]
             row["median_s"] = medians[label]
             if "peaks" in results:
                 row["roofline"] = roofline(row["cost"]["gflop"], row["cost"]["gbytes"], row["median_s"],
@@ -445,6 +462,13 @@ def benchmark_table(r: dict) -> str:
             f"{_f(m['first_image_s'])} | {_f(m['median_s'])} | "
             f"{_f(m['memory'].get('temp_mb'), 1)} | {_f(t.get('first_image_s'))} | {_f(t.get('median_s'))} | "
             f"{_f(m.get('ratio_torch_over_jax'), 2)} | {m.get('break_even_images', '–') if t else '–'} |")
+    frozen = {name: m for name, m in r["methods"].items() if "torch_bn_grads_only" in m}
+    if frozen:
+        lines += ["", "PyTorch with only the BatchNorm affine parameters requiring gradients (no weight gradients "
+                  "computed; the official flow above computes them), timed in the same turns:", "",
+                  "| method | JAX median | PyTorch BN-grads-only median | PyTorch BN-grads-only/JAX |", "|---|---|---|---|"]
+        lines += [f"| {name} | {_f(m['median_s'])} | {_f(m['torch_bn_grads_only']['median_s'])} | "
+                  f"{_f(m['ratio_torch_bn_grads_only_over_jax'], 2)} |" for name, m in frozen.items()]
     if "peaks" in r:
         p = r["peaks"]
         lines += ["", "Roofline. This machine's measured peaks (jitted XLA kernels, float32 accumulation): " + "; ".join(

@@ -141,6 +141,16 @@ def bn_parameters(model):
     return [p for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in (m.weight, m.bias)]
 
 
+def freeze_all_but_bn(model):
+    """``requires_grad`` off for every parameter but the BatchNorm affine ones (TENT's ``configure_model``):
+    backward then skips the weight gradients the BN-only methods never use. The official GraTa flow,
+    which :func:`grata_step` follows, leaves them on."""
+    keep = {id(p) for p in bn_parameters(model)}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+    return model
+
+
 class _FrozenRunningStats:
     """Forward in train mode (batch statistics) without moving the running statistics."""
 
