@@ -72,6 +72,11 @@ def test_step_cost_counts_the_taps_a_padded_convolution_computes():
     _, mm = aot_times(lambda a, b: a @ b, jnp.ones((6, 4)), jnp.ones((4, 3)))
     cost = step_cost(mm)
     assert cost["gflop"] * 1e9 == 2 * 6 * 4 * 3 and cost["gbytes"] * 1e9 == 4 * (6 * 4 + 4 * 3 + 6 * 3)
+    assert not cost["has_loops"]
+    # a loop's body is counted once whatever its trip count: flagged, its count a lower bound
+    _, loop = aot_times(lambda a, b, n: jax.lax.fori_loop(0, n, lambda i, x: x @ b, a),
+                        jnp.ones((6, 4)), jnp.ones((4, 4)), 5)
+    assert step_cost(loop)["has_loops"] and step_cost(loop)["gflop"] * 1e9 < 5 * 2 * 6 * 4 * 4
 
 
 def test_roofline_arithmetic():
@@ -116,4 +121,6 @@ def test_table_has_a_roofline_row_per_method():
     table = benchmark_table(r)
     assert "bfloat16: matmul 50.0, 3×3 conv 60.0 GFLOP/s" in table
     assert "| grata | 20.00 | 4.000 | 5.0 | 40.0 | 40.0 % | 80.0 % |" in table
+    r["methods"]["grata"]["cost"]["has_loops"] = True
+    assert "| grata | ≥ 20.00 | ≥ 4.000 | 5.0 | ≥ 40.0 | ≥ 40.0 % | 80.0 % |" in benchmark_table(r)
     assert "| grata@bfloat16 | 20.00 | 4.000 | 5.0 | 20.0 | 33.3 % | 40.0 % |" in table
