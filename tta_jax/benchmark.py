@@ -39,9 +39,8 @@ the machine can do.
 
 * the machine's measured peaks (:func:`measured_peaks`): GFLOP/s of a large
   jitted matmul and of a large 3×3 convolution per compute dtype (bf16
-  inputs accumulate in float32, as ``model.compute_dtype`` does), and GB/s of
-  a large element-wise pass; the peak of a dtype is the faster of the two
-  kernels;
+  inputs accumulate in float32, as ``model.compute_dtype`` does), and the GB/s
+  read by a large sum; the peak of a dtype is the faster of the two kernels;
 * per step (:func:`step_cost`): FLOPs and bytes accessed from XLA's cost
   analysis of the compiled step (step + prediction; XLA counts the taps a
   padded convolution really computes and one FLOP per element-wise
@@ -390,11 +389,10 @@ def run_benchmark(config, workdir: str) -> dict:
             rows[label], steps[label] = bench_method(build(base, hp, models[dtype]), variables, images, key)
             rows[label]["compute_dtype"] = dtype
         torch_rows = bench_torch(base, hp, config, images_np) if b.torch else {}
-        for torch_label, (torch_row, torch_step) in torch_rows.items():
-            steps[torch_label] = torch_step
+        steps.update({label: step for label, (_, step) in torch_rows.items()})
         medians = steady_state(steps, len(images))
-        for torch_label, (torch_row, _) in torch_rows.items():
-            torch_row["median_s"] = medians[torch_label]
+        for label, (reference, _) in torch_rows.items():
+            reference["median_s"] = medians[label]
         torch_row = torch_rows.get("torch", (None,))[0]
         for label, row in rows.items():
             if "torch_bn_grads_only" in torch_rows:
@@ -479,7 +477,7 @@ def benchmark_table(r: dict) -> str:
         p = r["peaks"]
         lines += ["", "Roofline. This machine's measured peaks (jitted XLA kernels, float32 accumulation): " + "; ".join(
             f"{d}: matmul {p[d]['matmul_gflop_s']:.1f}, 3×3 conv {p[d]['conv3x3_gflop_s']:.1f} GFLOP/s"
-            for d in r.get("dtypes", ["float32"])) + f"; element-wise bandwidth {p['bandwidth_gb_s']:.1f} GB/s. "
+            for d in r.get("dtypes", ["float32"])) + f"; read bandwidth {p['bandwidth_gb_s']:.1f} GB/s. "
             "FLOPs and bytes per step + prediction from XLA's cost analysis; ≥ marks a step with a loop, whose "
             "body XLA counts once (so its counts and rates are lower bounds). PyTorch's FLOPs (convolutions and "
             "matmuls only) from its FlopCounterMode, its rate against the float32 peak.", "",

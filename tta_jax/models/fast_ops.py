@@ -36,10 +36,10 @@ def _low(compute_dtype, *arrays):
     return tuple(a.astype(compute_dtype) for a in arrays), jnp.float32
 
 
-def _conv(x, kernel, strides: int, pad: int, compute_dtype=None, **kw):
+def _conv(x, kernel, strides: int, pad: int, compute_dtype=None):
     (x, kernel), accumulate = _low(compute_dtype, x, kernel)
     return jax.lax.conv_general_dilated(x, kernel, (strides, strides), [(pad, pad), (pad, pad)],
-                                        dimension_numbers=_DIMS, preferred_element_type=accumulate, **kw)
+                                        dimension_numbers=_DIMS, preferred_element_type=accumulate)
 
 
 def matmul_channels(spec: str, x, kernel, compute_dtype=None):
