@@ -40,7 +40,11 @@ def np_hungarian(scores):
 
 
 def np_graduated_assignment(a, w, u0, num_graphs, n, quad_weight=0.5, taus=TAUS, max_iter=200, tol=1e-3):
-    """The official GA_GM.gagm loop (one cluster), on the valid graphs only."""
+    """The official GA_GM.gagm loop (one cluster), on the valid graphs only.
+
+    Returns the assignment and whether its path is robust to float rounding: every step's ‖ΔU‖ at least
+    10 % away from tol, no stage stopped on the iteration cap, and no Sinkhorn stage on an exact
+    2-cycle (float equality; the Hungarian stage's 0/1 states repeat exactly on any machine)."""
     d = u0.shape[1]
 
     def project(v, tau):
@@ -51,15 +55,22 @@ def np_graduated_assignment(a, w, u0, num_graphs, n, quad_weight=0.5, taus=TAUS,
             out[:n] = np.eye(n, d)
         return out
 
-    u, last = u0.copy(), np.zeros_like(u0)
+    u, last, robust = u0.copy(), np.zeros_like(u0), True
     for tau in list(taus) + [None]:
         for _ in range(max_iter):
             last2, last = last, u
             v = ((a @ (u @ u.T) @ a @ u) * quad_weight * 2 + w @ u) / num_graphs
             u = project(v, tau)
-            if np.linalg.norm(u - last) < tol or np.linalg.norm(u - last2) == 0:
+            step = np.linalg.norm(u - last)
+            robust &= not 0.9 * tol <= step <= 1.1 * tol
+            if step < tol:
                 break
-    return u
+            if np.linalg.norm(u - last2) == 0:
+                robust &= tau is None
+                break
+        else:
+            robust = False
+    return u, robust
 
 
 def np_focal(p, t, alpha=0.25, gamma=2.0):
@@ -75,10 +86,13 @@ def np_affinity(params, x, y):
     return (h @ p["out"]["kernel"])[..., 0] + p["out"]["bias"][0]
 
 
-def _mgm_problem(seed, g=3, n=4, c=5, d=7):
+def _mgm_problem(seed, g=3, n=4, c=5, d=7, noise=0.5):
+    """A multi-graph matching instance with a planted answer: each graph's n nodes are noisy copies of n
+    of d universe points; the pairwise scores favour the planted correspondences, blurred by noise."""
     rng = np.random.default_rng(seed)
-    nodes = np.maximum(rng.normal(size=(g, n, c)), 0)
-    universe = rng.normal(size=(d, c)) + 1 / d
+    universe = rng.normal(size=(d, c))
+    picks = [rng.permutation(d)[:n] for _ in range(g)]
+    nodes = np.stack([universe[p] + noise * rng.normal(size=(n, c)) for p in picks])
     att = np.exp(rng.normal(size=(g, n, n)))
     att = att / att.sum(-1, keepdims=True) * (1 - np.eye(n))
     a = np.zeros((g * n, g * n))
@@ -87,7 +101,8 @@ def _mgm_problem(seed, g=3, n=4, c=5, d=7):
     w = np.zeros((g * n, g * n))
     for i in range(g):
         for j in range(i + 1):
-            s = np_sinkhorn(rng.normal(size=(n, n)) / 0.05, dummy_row=True)
+            agree = (picks[i][:, None] == picks[j][None, :]).astype(float)
+            s = np_sinkhorn((agree + noise * rng.normal(size=(n, n))) / 0.05, dummy_row=True)
             w[i * n:(i + 1) * n, j * n:(j + 1) * n] = s
             w[j * n:(j + 1) * n, i * n:(i + 1) * n] = s.T
     return a, w, nodes.reshape(-1, c) @ universe.T
@@ -140,18 +155,22 @@ def test_stride_positions_and_labels_equal_numpy():
     np.testing.assert_array_equal(np.asarray(ttdg.smallest_area_labels(jnp.asarray(mask))), expected)
 
 
-@pytest.mark.parametrize("seed,valid", [(0, (True, False, True, True)), (2, (False, True, False, True)),
-                                        (7, (False, True, False, True))])
+@pytest.mark.parametrize("seed,valid", [(0, (True, False, True, True)), (1, (True, False, True, True)),
+                                        (0, (False, True, False, True)), (2, (False, True, False, True))])
 def test_graduated_assignment_equals_numpy(seed, valid):
     """The official graduated-assignment loop, with empty slots (left out of G); with two valid graphs the
-    first one is pinned to the identity. The instances are ones whose Sinkhorn stages converge (‖ΔU‖ <
-    10⁻³): many random ones oscillate until the 200-iteration cap or an exact 2-cycle test, where float
-    rounding of two implementations decides the path."""
-    g, n, d = 4, 4, 7
-    a, w, u0 = _mgm_problem(seed, g=g, n=n, d=d)
+    first one is pinned to the identity. The instances (planted ones, :func:`_mgm_problem`) have a
+    reference path robust to rounding (:func:`np_graduated_assignment`, asserted here): purely random
+    ones mostly oscillate until the 200-iteration cap or an exact 2-cycle, or stop with ‖ΔU‖ within a
+    hair of the tolerance, where float rounding of two implementations (or of one on two CPUs)
+    decides the path."""
+    g, n = 4, 4
+    a, w, u0 = _mgm_problem(seed, g=g, n=n, d=7)
     valid = np.array(valid)
     rows = np.repeat(valid, n)
-    expected = np_graduated_assignment(a[np.ix_(rows, rows)], w[np.ix_(rows, rows)], u0[rows], int(valid.sum()), n)
+    expected, robust = np_graduated_assignment(a[np.ix_(rows, rows)], w[np.ix_(rows, rows)], u0[rows],
+                                               int(valid.sum()), n)
+    assert robust
     with jax.enable_x64():
         got = jax.jit(lambda a, w, u, v: ttdg.graduated_assignment(a, w, u, v, n, taus=TAUS))(
             jnp.asarray(a), jnp.asarray(w), jnp.asarray(u0), jnp.asarray(valid))
