@@ -98,6 +98,21 @@ def test_measured_peaks_have_every_dtype_and_the_bandwidth():
     assert p["bandwidth_gb_s"] > 0
 
 
+def test_conv_forms_time_both_forms_of_the_encoder_convolutions(monkeypatch):
+    from tta_jax import benchmark
+    assert benchmark.encoder_conv_shapes("resnet34", 1.0, 256) == [
+        (1, 64, 64, 64), (1, 32, 32, 128), (1, 16, 16, 256), (1, 8, 8, 512)]
+    assert benchmark.encoder_conv_shapes("resnet18", 0.25, 128)[-1] == (1, 4, 4, 128)
+    monkeypatch.setattr(benchmark, "use_tap_matmuls", lambda channels, dtype: dtype is not None)
+    rows = benchmark.conv_forms([(1, 6, 6, 8)], ("float32", "bfloat16"))
+    assert [(r["dtype"], r["uses"]) for r in rows] == [("float32", "conv"), ("bfloat16", "taps")]
+    assert rows[0]["gflop"] == pytest.approx(2 * 36 * 9 * 8 * 8 / 1e9) and min(r["taps_s"] for r in rows) > 0
+    table = benchmark_table({"device": "cpu:0", "backend": "cpu", "backbone": "resnet18", "width": 0.25,
+                             "image_size": 32, "stream_length": 1, "process_max_rss_mb": 1.0, "methods": {},
+                             "conv_forms": [{**rows[1], "conv_s": 2e-3, "taps_s": 1e-3, "gflop": 0.5}]})
+    assert "| 1×6×6×8 | bfloat16 | 0.50 | 2.00 | 1.00 | 250 | 500 | taps |" in table
+
+
 def test_torch_flops_of_a_step():
     torch = pytest.importorskip("torch")
     from tta_jax.benchmark import torch_gflop

@@ -115,14 +115,43 @@ def _bf16_rounded(tree):
     return jax.tree.map(lambda a: a.astype(jnp.bfloat16).astype(jnp.float32), tree)
 
 
-@pytest.mark.parametrize("layer", ["conv3", "conv3_stride2", "conv7_stride2", "conv1", "upconv"])
-def test_bf16_layers_are_float32_layers_on_rounded_inputs(layer):
+@pytest.mark.parametrize("k,strides,pad", [(3, 1, 1), (3, 2, 1), (7, 2, 3), (5, 1, 2), (3, 1, 0)])
+def test_conv_taps_equals_lax_convolution(k, strides, pad):
+    """The k² tap matmuls sum what ``lax.conv_general_dilated`` sums, odd sides and strides included."""
+    from tta_jax.models.fast_ops import conv_taps
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 15, 12, 6))
+    kernel = jax.random.normal(jax.random.PRNGKey(1), (k, k, 6, 5))
+    ref = jax.lax.conv_general_dilated(x, kernel, (strides, strides), [(pad, pad)] * 2,
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                       precision=jax.lax.Precision.HIGHEST)
+    np.testing.assert_allclose(conv_taps(x, kernel, strides, pad), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_tap_matmuls_only_for_bf16_with_enough_channels_on_amx(monkeypatch):
+    from tta_jax.models import fast_ops
+    for amx in (True, False):
+        monkeypatch.setattr(fast_ops, "cpu_has_amx_bf16", lambda: amx)
+        on_cpu = jax.default_backend() == "cpu"
+        assert fast_ops.use_tap_matmuls(64, jnp.bfloat16) == (amx and on_cpu)
+        assert fast_ops.use_tap_matmuls(fast_ops.TAP_MATMUL_MIN_CHANNELS - 1, jnp.bfloat16) is False
+        assert fast_ops.use_tap_matmuls(64, None) is False and fast_ops.use_tap_matmuls(64, jnp.float32) is False
+
+
+@pytest.mark.parametrize("layer", ["conv3", "conv3_stride2", "conv7_stride2", "conv1", "upconv",
+                                   "conv3_taps", "conv3_stride2_taps"])
+def test_bf16_layers_are_float32_layers_on_rounded_inputs(layer, monkeypatch):
     """``compute_dtype=bfloat16`` multiplies bf16 copies exactly and accumulates in float32: values and
     gradients are the float32 layer's at bf16-rounded activations, kernels and output gradients, up to
     the order of the float32 sums and one bf16 rounding (2⁻⁸ relative) of a gradient leaving its
     multiplication (as under PyTorch's autocast; the square convolutions' hand-written input gradient
     stays float32). Outputs and gradients are float32."""
+    from tta_jax.models import fast_ops
     from tta_jax.models.fast_ops import Conv, UpConv2x
+    # `_taps`: the tap-matmul form of the convolutions (forward and stride-1 input gradient) on any
+    # machine; otherwise the test's 6 input channels keep convolutions everywhere
+    taps = layer.endswith("_taps")
+    monkeypatch.setattr(fast_ops, "use_tap_matmuls", lambda channels, dtype: taps and dtype is not None)
+    layer = layer.removesuffix("_taps")
     build = {"conv3": lambda d: Conv(5, 3, 1, compute_dtype=d), "conv3_stride2": lambda d: Conv(5, 3, 2, compute_dtype=d),
              "conv7_stride2": lambda d: Conv(4, 7, 2, use_bias=False, compute_dtype=d),
              "conv1": lambda d: Conv(5, 1, 2, compute_dtype=d), "upconv": lambda d: UpConv2x(5, compute_dtype=d)}[layer]
@@ -131,6 +160,8 @@ def test_bf16_layers_are_float32_layers_on_rounded_inputs(layer):
     v = jax.jit(full.init)(jax.random.PRNGKey(1), x)
     v = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(2), p.shape), v)
     y_low, vjp_low = jax.vjp(lambda v, x: low.apply(v, x), v, x)
+    if taps:
+        assert "convolution" not in jax.jit(low.apply).lower(v, x).as_text()
     dy = _bf16_rounded(jax.random.normal(jax.random.PRNGKey(3), y_low.shape))
     rounded = {"params": {**v["params"], "kernel": _bf16_rounded(v["params"]["kernel"])}}
     y_ref, vjp_ref = jax.vjp(lambda v, x: full.apply(v, x), rounded, _bf16_rounded(x))

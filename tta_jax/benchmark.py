@@ -75,6 +75,8 @@ from tta_jax.experiment import resolve_method, run_needs
 from tta_jax.methods import make_method, method_spec
 from tta_jax.methods.spegc.graph_clustering import SinkhornHParams, refined_graph
 from tta_jax.models import init_variables
+from tta_jax.models.fast_ops import conv_taps, use_tap_matmuls
+from tta_jax.models.resunet import RESNET_STAGES, scaled_channels
 from tta_jax.runner import StreamRunner, init_streams
 from tta_jax.source import build_model, companions
 
@@ -174,6 +176,37 @@ def measured_peaks(dtypes=("float32",), matmul_sizes=(1024, 2048), conv_shapes=(
     compiled = jax.jit(jnp.sum).lower(stream).compile()
     out["bandwidth_gb_s"] = step_cost(compiled)["gbytes"] / _median_seconds(compiled, stream)
     return out
+
+
+def encoder_conv_shapes(backbone: str, width: float, image_size: int) -> list[tuple[int, ...]]:
+    """Input shapes (NHWC, batch 1) of the ResNet encoder's stride-1 3×3 convolutions, one per stage."""
+    return [(1, image_size // 2 ** (i + 2), image_size // 2 ** (i + 2), scaled_channels(64 * 2**i, width))
+            for i in range(len(RESNET_STAGES[backbone][1]))]
+
+
+def conv_forms(shapes, dtypes=("float32",)) -> list[dict]:
+    """Each 3×3 'same' convolution of input ``shapes`` (as many output channels), forward, timed as
+    ``lax.conv_general_dilated`` and as :func:`~tta_jax.models.fast_ops.conv_taps` (9 channel
+    matmuls) per dtype (float32 accumulation), with the form :func:`use_tap_matmuls` picks on
+    this machine: the evidence for that choice, measured wherever the benchmark runs."""
+    key = jax.random.PRNGKey(0)
+    lax_conv = jax.jit(lambda x, k: jax.lax.conv_general_dilated(
+        x, k, (1, 1), [(1, 1), (1, 1)], dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        preferred_element_type=jnp.float32))
+    taps = jax.jit(lambda x, k: conv_taps(x, k, 1, 1, jnp.float32))
+    rows = []
+    for shape in shapes:
+        gflop = 2 * math.prod(shape) * 9 * shape[-1] / 1e9
+        for dtype in dtypes:
+            low = jnp.dtype(dtype)
+            args = (jax.random.normal(key, shape).astype(low),
+                    jax.random.normal(key, (3, 3, shape[-1], shape[-1])).astype(low))
+            seconds = {form: _median_seconds(fn.lower(*args).compile(), *args) for form, fn in
+                       (("conv", lax_conv), ("taps", taps))}
+            rows.append({"shape": list(shape), "dtype": str(low), "gflop": gflop,
+                         **{f"{form}_s": t for form, t in seconds.items()},
+                         "uses": "taps" if use_tap_matmuls(shape[-1], None if low == jnp.float32 else low) else "conv"})
+    return rows
 
 
 def roofline(gflop: float | None, gbytes: float | None, seconds: float, peak_gflop_s: float,
@@ -380,6 +413,8 @@ def run_benchmark(config, workdir: str) -> dict:
     if b.get("roofline", True):
         logging.info("benchmark: this machine's peaks")
         results["peaks"] = measured_peaks(dtypes)
+        results["conv_forms"] = conv_forms(
+            encoder_conv_shapes(config.model.backbone, float(config.model.width), size), dtypes)
     for name in methods:
         base, hp = resolve_method(config, name)
         rows, steps = {}, {}
@@ -493,6 +528,15 @@ def benchmark_table(r: dict) -> str:
                          f"{at_least}{_pct(f.get('fraction_of_peak'))} | "
                          f"{_pct(f.get('fraction_of_bound'))} | {_f(t.get('gflop'), 2)} | {_f(tf.get('gflop_s'), 1)} | "
                          f"{_pct(tf.get('fraction_of_peak'))} |")
+    if r.get("conv_forms"):
+        lines += ["", "Convolution forms: the encoder's stride-1 3×3 convolutions (one per stage, forward), as "
+                  "one XLA convolution and as 9 tap matmuls (`conv_taps`); `uses` is the form "
+                  "`model.compute_dtype` takes on this machine (`use_tap_matmuls`).", "",
+                  "| input | dtype | GFLOP | conv ms | taps ms | conv GFLOP/s | taps GFLOP/s | uses |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {'×'.join(map(str, c['shape']))} | {c['dtype']} | {c['gflop']:.2f} | {1e3 * c['conv_s']:.2f} | "
+                  f"{1e3 * c['taps_s']:.2f} | {c['gflop'] / c['conv_s']:.0f} | {c['gflop'] / c['taps_s']:.0f} | "
+                  f"{c['uses']} |" for c in r["conv_forms"]]
     if "loops" in r:
         lines += ["", f"Loop forms ({r['loop_method']}, stream of {r['stream_length']}, second pass): "
                   "seconds per image", "", "| loop | per image | first pass (incl. compile) |", "|---|---|---|"]

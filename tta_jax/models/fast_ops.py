@@ -6,7 +6,9 @@ path; checkpoints and the PyTorch converter see the same parameter tree, and
 gradients). The benchmark (README, Performance) measures what they buy.
 
 * :class:`Conv` — square convolutions with a hand-written input gradient
-  (:func:`conv_same`); 1×1 convolutions as matmuls;
+  (:func:`conv_same`), multiplied as k² tap matmuls (:func:`conv_taps`) where
+  :func:`use_tap_matmuls` says the machine's matmuls beat its convolutions;
+  1×1 convolutions as matmuls;
 * :func:`max_pool_3x3_s2` — the stem's max-pool as 9 strided slices;
 * :class:`UpConv2x` — the 2×2/2 transposed convolution as two row matmuls.
 
@@ -36,8 +38,62 @@ def _low(compute_dtype, *arrays):
     return tuple(a.astype(compute_dtype) for a in arrays), jnp.float32
 
 
+# AMX multiplies bf16 in tiles 32 values deep; a tap matmul over fewer input channels wastes them.
+TAP_MATMUL_MIN_CHANNELS = 32
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_amx_bf16() -> bool:
+    """Whether this CPU reports Intel AMX with bf16 (``amx_bf16`` in ``/proc/cpuinfo``; False elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "amx_bf16" in f.read().split()
+    except OSError:
+        return False
+
+
+def use_tap_matmuls(in_channels: int, compute_dtype) -> bool:
+    """Whether :func:`conv_same` multiplies as tap matmuls (:func:`conv_taps`) instead of one convolution.
+
+    True for bfloat16 multiplication of at least :data:`TAP_MATMUL_MIN_CHANNELS`
+    input channels on a CPU with AMX-BF16: there XLA:CPU runs bf16 matmuls on
+    the AMX tiles but bf16 convolutions on a generic path at float32 speed,
+    so the k² matmuls win on the ResNet encoder's maps (the benchmark's
+    convolution-forms table measures both forms per shape on any machine).
+    GPUs and TPUs run bf16 convolutions natively and keep them; so do float32
+    and CPUs without AMX, where a convolution beats its tap matmuls.
+    """
+    return (compute_dtype is not None and jnp.dtype(compute_dtype) == jnp.bfloat16
+            and in_channels >= TAP_MATMUL_MIN_CHANNELS
+            and jax.default_backend() == "cpu" and cpu_has_amx_bf16())
+
+
+def conv_taps(x, kernel, strides: int, pad: int, preferred_element_type=None):
+    """A square convolution (NHWC/HWIO, symmetric zero ``pad``) as a sum of k² channel matmuls.
+
+    ``y[n, i, j] = Σ_{a,b} x_pad[n, s·i + a, s·j + b] @ kernel[a, b]``: one
+    strided window of the padded input per tap, each multiplied by that tap's
+    ``[C_in, C_out]`` matrix, the products summed in ``preferred_element_type``.
+    The same sum as ``lax.conv_general_dilated`` (``tests/test_model.py``), in another order.
+    """
+    n, h, w, c = x.shape
+    k = kernel.shape[0]
+    ho, wo = (h + 2 * pad - k) // strides + 1, (w + 2 * pad - k) // strides + 1
+    padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    out = None
+    for a in range(k):
+        for b in range(k):
+            window = jax.lax.slice(padded, (0, a, b, 0), (n, a + strides * (ho - 1) + 1, b + strides * (wo - 1) + 1, c),
+                                   (1, strides, strides, 1))
+            tap = jnp.einsum("nhwc,co->nhwo", window, kernel[a, b], preferred_element_type=preferred_element_type)
+            out = tap if out is None else out + tap
+    return out
+
+
 def _conv(x, kernel, strides: int, pad: int, compute_dtype=None):
     (x, kernel), accumulate = _low(compute_dtype, x, kernel)
+    if use_tap_matmuls(x.shape[-1], compute_dtype):
+        return conv_taps(x, kernel, strides, pad, accumulate)
     return jax.lax.conv_general_dilated(x, kernel, (strides, strides), [(pad, pad), (pad, pad)],
                                         dimension_numbers=_DIMS, preferred_element_type=accumulate)
 
@@ -62,7 +118,9 @@ def conv_same(x, kernel, strides: int, pad: int, compute_dtype=None):
     here as an explicit transpose, which XLA:CPU materialises and hands to
     its fast convolution library; left to autodiff it keeps the swapped kernel
     layout and falls back to a slow generic convolution. Values and gradients equal autodiff's
-    (``tests/test_model.py``). Both gradient convolutions also multiply in ``compute_dtype``.
+    (``tests/test_model.py``). Both gradient convolutions also multiply in ``compute_dtype``;
+    the forward pass and a stride-1 input gradient go through :func:`conv_taps` where
+    :func:`use_tap_matmuls` says so.
     """
     return _conv(x, kernel, strides, pad, compute_dtype)
 
@@ -77,8 +135,11 @@ def _conv_same_bwd(strides, pad, compute_dtype, residuals, dy):
     flipped = input_grad_kernel(kernel)
     pads = [(k - 1 - pad, k - 1 - pad + (n + 2 * pad - k) % strides) for n in x.shape[1:3]]
     (dy_low, flipped), accumulate = _low(compute_dtype, dy, flipped)
-    dx = jax.lax.conv_general_dilated(dy_low, flipped, (1, 1), pads, lhs_dilation=(strides, strides),
-                                      dimension_numbers=_DIMS, preferred_element_type=accumulate)
+    if strides == 1 and use_tap_matmuls(dy.shape[-1], compute_dtype):
+        dx = conv_taps(dy_low, flipped, 1, k - 1 - pad, accumulate)
+    else:
+        dx = jax.lax.conv_general_dilated(dy_low, flipped, (1, 1), pads, lhs_dilation=(strides, strides),
+                                          dimension_numbers=_DIMS, preferred_element_type=accumulate)
     _, kernel_vjp = jax.vjp(lambda kk: _conv(x, kk, strides, pad, compute_dtype), kernel)
     return dx.astype(x.dtype), kernel_vjp(dy)[0]
 

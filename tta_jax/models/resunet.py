@@ -50,7 +50,8 @@ RESNET_STAGES = {
 }
 
 
-def _channels(base: int, width: float) -> int:
+def scaled_channels(base: int, width: float) -> int:
+    """The channels of a layer with ``base`` channels in the full-width network, at ``width`` (at least 1)."""
     return max(1, int(round(base * width)))
 
 
@@ -266,7 +267,7 @@ class ResUNet(nn.Module):
                 raise ValueError(f"unknown auxiliary head {name!r}; choose from {list(AUX_HEADS)}")
         kind, stages = RESNET_STAGES[self.backbone]
         block = BasicBlock if kind == "basic" else BottleneckBlock
-        c = functools.partial(_channels, width=self.width)
+        c = functools.partial(scaled_channels, width=self.width)
         low = self._multiply_dtype()
 
         x = Conv(c(64), 7, 2, use_bias=False, name="conv1", compute_dtype=low)(x)
@@ -302,7 +303,7 @@ class ResUNet(nn.Module):
         return outputs[0] if len(outputs) == 1 else outputs
 
     def _aux_branch(self, name, bottleneck, train):
-        c = functools.partial(_channels, width=self.width)
+        c = functools.partial(scaled_channels, width=self.width)
         low = self._multiply_dtype()
         if name == "rotation":
             h = jnp.mean(bottleneck, axis=(1, 2))
