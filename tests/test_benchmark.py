@@ -110,7 +110,7 @@ def test_conv_forms_time_both_forms_of_the_encoder_convolutions(monkeypatch):
     table = benchmark_table({"device": "cpu:0", "backend": "cpu", "backbone": "resnet18", "width": 0.25,
                              "image_size": 32, "stream_length": 1, "process_max_rss_mb": 1.0, "methods": {},
                              "conv_forms": [{**rows[1], "conv_s": 2e-3, "taps_s": 1e-3, "gflop": 0.5}]})
-    assert "| 1×6×6×8 | bfloat16 | 0.50 | 2.00 | 1.00 | 250 | 500 | taps |" in table
+    assert "| 1×6×6×8 | bfloat16 | 0.5 | 2.00 | 1.00 | 250 | 500 | taps |" in table
 
 
 def test_torch_flops_of_a_step():

@@ -47,6 +47,9 @@ the machine can do.
   operation); achieved GFLOP/s = FLOPs / median; fraction of peak; the
   arithmetic intensity FLOPs/byte and the roofline bound
   min(peak, intensity × bandwidth) (:func:`roofline`);
+* convolution forms (:func:`conv_forms`): the encoder's 3×3 convolutions
+  timed as one XLA convolution and as tap matmuls per dtype, beside the
+  form the library picks on this machine (``fast_ops.use_tap_matmuls``);
 * on the PyTorch side the FLOPs of one step counted by
   ``torch.utils.flop_counter.FlopCounterMode`` (convolutions and matmuls,
   forward and backward; element-wise operations are not counted, and
@@ -534,7 +537,7 @@ def benchmark_table(r: dict) -> str:
                   "`model.compute_dtype` takes on this machine (`use_tap_matmuls`).", "",
                   "| input | dtype | GFLOP | conv ms | taps ms | conv GFLOP/s | taps GFLOP/s | uses |",
                   "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {'×'.join(map(str, c['shape']))} | {c['dtype']} | {c['gflop']:.2f} | {1e3 * c['conv_s']:.2f} | "
+        lines += [f"| {'×'.join(map(str, c['shape']))} | {c['dtype']} | {c['gflop']:.3g} | {1e3 * c['conv_s']:.2f} | "
                   f"{1e3 * c['taps_s']:.2f} | {c['gflop'] / c['conv_s']:.0f} | {c['gflop'] / c['taps_s']:.0f} | "
                   f"{c['uses']} |" for c in r["conv_forms"]]
     if "loops" in r:

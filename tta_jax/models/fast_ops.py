@@ -38,8 +38,9 @@ def _low(compute_dtype, *arrays):
     return tuple(a.astype(compute_dtype) for a in arrays), jnp.float32
 
 
-# AMX multiplies bf16 in tiles 32 values deep; a tap matmul over fewer input channels wastes them.
-TAP_MATMUL_MIN_CHANNELS = 32
+# With fewer input channels the tap matmuls lost to the convolution on an AMX CPU (README, "Roofline
+# and bfloat16"): each tap's matmul is too thin to keep the AMX tiles busy.
+TAP_MATMUL_MIN_CHANNELS = 64
 
 
 @functools.lru_cache(maxsize=None)
