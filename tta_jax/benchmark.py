@@ -139,6 +139,11 @@ def _median_seconds(compiled, *args, repeats: int = 5) -> float:
     return float(np.median([_timed(lambda: _block(compiled(*args)))[1] for _ in range(repeats)]))
 
 
+# a 3×3 'same' convolution, NHWC/HWIO, float32 accumulation whatever the input dtype
+_conv3x3_same = jax.jit(lambda x, k: jax.lax.conv_general_dilated(
+    x, k, (1, 1), [(1, 1), (1, 1)], dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32))
+
+
 def measured_peaks(dtypes=("float32",), matmul_sizes=(1024, 2048), conv_shapes=((1, 64, 64, 256), (6, 32, 32, 128)),
                    stream_mb: int = 256) -> dict:
     """This machine's attainable rates, measured with jitted XLA kernels.
@@ -156,9 +161,6 @@ def measured_peaks(dtypes=("float32",), matmul_sizes=(1024, 2048), conv_shapes=(
     its new buffer).
     """
     key = jax.random.PRNGKey(0)
-    conv = jax.jit(lambda x, k: jax.lax.conv_general_dilated(
-        x, k, (1, 1), [(1, 1), (1, 1)], dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        preferred_element_type=jnp.float32))
     matmul = jax.jit(lambda a: jnp.matmul(a, a, preferred_element_type=jnp.float32))
 
     def rate(fn, *args):
@@ -170,7 +172,7 @@ def measured_peaks(dtypes=("float32",), matmul_sizes=(1024, 2048), conv_shapes=(
         low = jnp.dtype(dtype)
         rates = {"matmul_gflop_s": max(rate(matmul, jax.random.normal(key, (n, n)).astype(low))
                                        for n in matmul_sizes),
-                 "conv3x3_gflop_s": max(rate(conv, jax.random.normal(key, shape).astype(low),
+                 "conv3x3_gflop_s": max(rate(_conv3x3_same, jax.random.normal(key, shape).astype(low),
                                              jax.random.normal(key, (3, 3, shape[-1], shape[-1])).astype(low))
                                         for shape in conv_shapes)}
         rates["peak_gflop_s"] = max(rates.values())
@@ -193,9 +195,6 @@ def conv_forms(shapes, dtypes=("float32",)) -> list[dict]:
     matmuls) per dtype (float32 accumulation), with the form :func:`use_tap_matmuls` picks on
     this machine: the evidence for that choice, measured wherever the benchmark runs."""
     key = jax.random.PRNGKey(0)
-    lax_conv = jax.jit(lambda x, k: jax.lax.conv_general_dilated(
-        x, k, (1, 1), [(1, 1), (1, 1)], dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        preferred_element_type=jnp.float32))
     taps = jax.jit(lambda x, k: conv_taps(x, k, 1, 1, jnp.float32))
     rows = []
     for shape in shapes:
@@ -205,7 +204,7 @@ def conv_forms(shapes, dtypes=("float32",)) -> list[dict]:
             args = (jax.random.normal(key, shape).astype(low),
                     jax.random.normal(key, (3, 3, shape[-1], shape[-1])).astype(low))
             seconds = {form: _median_seconds(fn.lower(*args).compile(), *args) for form, fn in
-                       (("conv", lax_conv), ("taps", taps))}
+                       (("conv", _conv3x3_same), ("taps", taps))}
             rows.append({"shape": list(shape), "dtype": str(low), "gflop": gflop,
                          **{f"{form}_s": t for form, t in seconds.items()},
                          "uses": "taps" if use_tap_matmuls(shape[-1], None if low == jnp.float32 else low) else "conv"})
