@@ -78,8 +78,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     # super_resolution, denoising); trained with the source model when set.
     # compute_dtype: float32 | bfloat16 — what the segmentor's convolutions multiply in at test time
     # (float32 accumulation, parameters, BN, losses, optimizer; source models train in float32).
-    # Stays float32, so that a results table is the same on every machine: bfloat16 was faster on a CPU
-    # with AMX and slower on one without (README, "Roofline and bfloat16").
+    # Stays float32, so that a results table is the same on every machine: bfloat16 was faster only for
+    # the full-width network on a CPU with AMX (README, "Roofline and bfloat16").
     c.model = ml_collections.ConfigDict(dict(backbone="resnet18", width=0.25, aux_heads="", sr_factor=4,
                                              compute_dtype="float32"))
     c.synthetic = ml_collections.ConfigDict(dict(num_train=200, num_test=40, seed=0))

@@ -306,7 +306,7 @@ def test_bf16_cosine_and_eta_follow_float32(tiny_model):
 
     Tolerance: bf16 keeps 8 mantissa bits, so each multiplication's output is a few 10⁻³ off and the two
     gradients move slightly. On the synthetic default (ResNet-18 ×0.25, trained source model, 200
-    images) the cosine moved by at most 0.020 (median 0.002; README, Performance); on this tiny network
+    images) the cosine moved by at most 0.02 (median 0.002; README, "Roofline and bfloat16"); on this tiny network
     trained for 150 steps by 0.002–0.055 over the 8 images; 0.1 is allowed here.
     η = β(cos + 1)²/4 follows from the cosine in both runs. On an untrained network the entropy gradient
     is mostly cancellation and bf16 moves the cosine by up to 0.6, which is why the model is trained.
