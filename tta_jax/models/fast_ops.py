@@ -39,7 +39,7 @@ def _low(compute_dtype, *arrays):
 
 
 # With fewer input channels the tap matmuls lost to the convolution on an AMX CPU (README, "Roofline
-# and bfloat16"): each tap's matmul is too thin to keep the AMX tiles busy.
+# and bfloat16").
 TAP_MATMUL_MIN_CHANNELS = 64
 
 
