@@ -79,7 +79,7 @@ from tta_jax.methods import make_method, method_spec
 from tta_jax.methods.spegc.graph_clustering import SinkhornHParams, refined_graph
 from tta_jax.models import init_variables
 from tta_jax.models.fast_ops import conv_taps, use_tap_matmuls
-from tta_jax.models.resunet import RESNET_STAGES, scaled_channels
+from tta_jax.models.resunet import COMPUTE_DTYPES, RESNET_STAGES, scaled_channels
 from tta_jax.runner import StreamRunner, init_streams
 from tta_jax.source import build_model, companions
 
@@ -207,7 +207,7 @@ def conv_forms(shapes, dtypes=("float32",)) -> list[dict]:
                        (("conv", _conv3x3_same), ("taps", taps))}
             rows.append({"shape": list(shape), "dtype": str(low), "gflop": gflop,
                          **{f"{form}_s": t for form, t in seconds.items()},
-                         "uses": "taps" if use_tap_matmuls(shape[-1], None if low == jnp.float32 else low) else "conv"})
+                         "uses": "taps" if use_tap_matmuls(shape[-1], COMPUTE_DTYPES[str(low)]) else "conv"})
     return rows
 
 
